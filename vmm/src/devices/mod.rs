@@ -1,0 +1,4 @@
+//! Emulated devices: the I/O bus and the virtio devices on the virtio-mmio transport.
+
+pub mod bus;
+pub mod virtio;

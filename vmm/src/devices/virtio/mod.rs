@@ -1,0 +1,86 @@
+//! The contract between a virtio device model and the virtio-mmio transport.
+//!
+//! A device model owns its queue notification eventfds (the VMM registers them as KVM
+//! ioeventfds, so a guest kick never exits to userspace) and is driven from the VMM's
+//! single device thread through `event_manager::MutEventSubscriber`. The transport
+//! (`mmio`) owns the register block, the driver's feature negotiation and queue setup,
+//! and calls `activate` once the driver sets DRIVER_OK.
+//!
+//! Everything a device reads from guest memory is untrusted: descriptor chains may be
+//! malformed, addresses out of range, lengths absurd. A device answers that with an
+//! error status or by dropping the request, never with a panic.
+
+pub mod mmio;
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use virtio_queue::{Queue, QueueT};
+
+/// Feature bit every wisp device offers: "modern" (virtio 1.x) only, no legacy layout.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device IDs (virtio spec 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+/// Why the device raises its interrupt; the transport reflects it in InterruptStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// Used buffers were added to a queue (bit 0).
+    Queue,
+    /// The device configuration changed (bit 1).
+    Config,
+}
+
+/// How a device notifies the guest. Implemented by the transport (status register +
+/// irqfd); unit tests use a recording fake.
+pub trait Interrupt: Send + Sync {
+    fn trigger(&self, kind: InterruptKind) -> io::Result<()>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("driver set up {got} queues, the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("device activation failed: {0}")]
+    Device(String),
+}
+
+/// A virtio device model, independent of transport and of KVM.
+pub trait VirtioDevice: Send {
+    /// One of the `TYPE_*` IDs.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length of the slice is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One notification eventfd per queue, in queue order.
+    fn queue_events(&self) -> &[EventFd];
+    /// Feature bits offered to the driver (must include `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// The subset of `avail_features` the driver accepted (called before activation).
+    fn set_acked_features(&mut self, acked: u64);
+    /// Reads of the device-specific configuration space; out-of-range bytes read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the configuration space; devices ignore what they do not support.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving `queues` (already validated by the
+    /// transport: sizes, alignment and ranges) and signal through `interrupt`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device. Returns true if the device can be activated again;
+    /// false makes the transport mark it DEVICE_NEEDS_RESET-style failed.
+    fn reset(&mut self) -> bool {
+        false
+    }
+    fn is_activated(&self) -> bool;
+}

@@ -84,3 +84,6 @@ pub trait VirtioDevice: Send {
     }
     fn is_activated(&self) -> bool;
 }
+pub mod block;
+pub mod rng;
+pub mod vsock;

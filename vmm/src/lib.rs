@@ -2,5 +2,40 @@
 //!
 //! The guest is untrusted: everything read from guest memory or guest-written registers
 //! is validated before use, and a misbehaving guest can at worst stop its own VM.
+//!
+//! Threads: one per vCPU (`vstate::vcpu`), one device thread running the event loop
+//! every virtio device is driven from, and the caller's thread, which waits for the VM
+//! to end (`MicroVm::wait`).
 
+pub mod api;
+pub mod arch;
+pub mod builder;
 pub mod devices;
+pub mod logger;
+pub mod vstate;
+
+pub use builder::{ConsoleOutput, DiskConfig, MicroVm, StartError, VmConfig, VsockConfig};
+
+/// Why a VM stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest rebooted (i8042 reset or triple fault): the normal way a wisp guest ends.
+    GuestReset,
+    /// The guest powered off.
+    GuestPowerOff,
+    /// The VMM was asked to stop (signal or control API).
+    Stopped(String),
+    /// Something failed; the message says what.
+    Error(String),
+}
+
+impl VmExit {
+    /// The process exit status for this end: 0 for a guest-initiated end.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::GuestReset | VmExit::GuestPowerOff => 0,
+            VmExit::Stopped(_) => 0,
+            VmExit::Error(_) => 1,
+        }
+    }
+}

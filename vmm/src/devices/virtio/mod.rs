@@ -11,6 +11,8 @@
 //! error status or by dropping the request, never with a panic.
 
 pub mod mmio;
+#[cfg(test)]
+pub mod test_utils;
 
 use std::io;
 use std::sync::Arc;
@@ -87,3 +89,42 @@ pub trait VirtioDevice: Send {
 pub mod block;
 pub mod rng;
 pub mod vsock;
+
+/// Warnings caused by the guest (bad register accesses, malformed requests). The first
+/// few are logged at `warn` level and the rest at `debug`, so a misbehaving guest cannot
+/// flood the VMM's log. One per device or transport; the budget is never refilled, so a
+/// guest cannot reset its way to more warnings.
+#[derive(Debug)]
+pub struct GuestWarnings {
+    left: u32,
+}
+
+impl GuestWarnings {
+    /// How many warnings each device or transport logs at `warn` level.
+    pub const BUDGET: u32 = 16;
+
+    pub const fn new() -> Self {
+        Self { left: Self::BUDGET }
+    }
+
+    /// Logs `args` at `warn` while the budget lasts, then at `debug`.
+    pub fn warn(&mut self, args: std::fmt::Arguments<'_>) {
+        match self.left {
+            0 => log::debug!("{args}"),
+            1 => {
+                self.left = 0;
+                log::warn!("{args} (further guest errors of this device are logged at debug level)");
+            }
+            _ => {
+                self.left -= 1;
+                log::warn!("{args}");
+            }
+        }
+    }
+}
+
+impl Default for GuestWarnings {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,289 @@
+//! Building and running a micro-VM from a `VmConfig`: memory, kernel, legacy devices,
+//! virtio-mmio devices, vCPUs and the device thread. Every step that can fail returns
+//! a `StartError` naming what failed; nothing is left running on failure (the vCPU and
+//! device threads start last).
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::{boot, layout, mptable};
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::legacy::{BootMarker, BootTimeline, I8042, Milestone, SerialConsole};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::vcpu::{Vcpu, VcpuSet};
+use crate::vstate::vm::Vm;
+use crate::VmExit;
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything needed to start a VM; the `wisp-vmm` command line maps onto it.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Appended to the command line the VMM builds (console, devices).
+    pub extra_cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub console: ConsoleOutput,
+    pub vsock: Option<VsockConfig>,
+    pub disks: Vec<DiskConfig>,
+    /// virtio-rng is on unless turned off.
+    pub rng: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("console {path}: {source}")]
+    Console { path: String, source: std::io::Error },
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+    #[error("too many virtio devices: at most {0}")]
+    TooManyDevices(u32),
+}
+
+const MIN_MEMORY_MIB: u64 = 16;
+
+/// A running micro-VM.
+pub struct MicroVm {
+    vcpus: Arc<VcpuSet>,
+    vcpu_count: u8,
+    exits_rx: Receiver<VmExit>,
+    exits_tx: Sender<VmExit>,
+    timeline: BootTimeline,
+    vm: Vm,
+}
+
+struct DeviceSetup<'a> {
+    vm: &'a Vm,
+    mmio: Bus,
+    cmdline: Cmdline,
+    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    next: u32,
+}
+
+impl DeviceSetup<'_> {
+    /// Puts `dev` on the virtio-mmio bus: its register block, its irqfd, one ioeventfd
+    /// per queue, a `virtio_mmio.device=` entry on the command line, and its events on
+    /// the device thread.
+    fn attach<D>(&mut self, name: &str, dev: D) -> Result<(), StartError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let err = |reason: String| StartError::Device { device: name.to_string(), reason };
+        let irq = layout::IRQ_BASE + self.next;
+        if irq > layout::IRQ_MAX {
+            return Err(StartError::TooManyDevices(layout::IRQ_MAX - layout::IRQ_BASE + 1));
+        }
+        let base = layout::VIRTIO_MMIO_START + u64::from(self.next) * layout::VIRTIO_MMIO_SIZE;
+        let dev = Arc::new(Mutex::new(dev));
+        {
+            let d = dev.lock().map_err(|_| err("device lock poisoned".into()))?;
+            for (q, evt) in d.queue_events().iter().enumerate() {
+                let addr = IoEventAddress::Mmio(base + crate::devices::virtio::mmio::NOTIFY_REG_OFFSET);
+                self.vm.fd.register_ioevent(evt, &addr, q as u32).map_err(|e| err(format!("ioeventfd: {e}")))?;
+            }
+        }
+        let transport = MmioTransport::new(self.vm.mem.clone(), dev.clone()).map_err(|e| err(format!("transport: {e}")))?;
+        self.vm.fd.register_irqfd(transport.irq_event(), irq).map_err(|e| err(format!("irqfd: {e}")))?;
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, layout::VIRTIO_MMIO_SIZE)
+            .map_err(|e| err(e.to_string()))?;
+        self.cmdline
+            .add_virtio_mmio_device(layout::VIRTIO_MMIO_SIZE, GuestAddress(base), irq, None)
+            .map_err(|e| err(format!("command line: {e}")))?;
+        self.events.add_subscriber(dev);
+        self.next += 1;
+        log::debug!("{name}: virtio-mmio at {base:#x}, irq {irq}");
+        Ok(())
+    }
+}
+
+impl MicroVm {
+    /// Creates and starts the VM. `start` is when the process started, for the boot
+    /// timeline.
+    pub fn start(config: &VmConfig, start: Instant) -> Result<Self, StartError> {
+        let timeline = BootTimeline::new(start);
+        if config.vcpus == 0 || config.vcpus > 64 {
+            return Err(StartError::Config(format!("vcpus must be 1..=64, got {}", config.vcpus)));
+        }
+        if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > (1 << 20) {
+            return Err(StartError::Config(format!(
+                "memory must be {MIN_MEMORY_MIB}..=1048576 MiB, got {}",
+                config.memory_mib
+            )));
+        }
+        boot::check_images(&config.kernel, config.initrd.as_deref())?;
+        let mem_bytes = config.memory_mib << 20;
+        let vm = Vm::new(mem_bytes)?;
+        timeline.record(Milestone::KvmReady);
+
+        let (exits_tx, exits_rx) = channel();
+        let pio = Self::legacy_devices(&vm, config, &exits_tx, &timeline)?;
+
+        let mut setup = DeviceSetup {
+            vm: &vm,
+            mmio: Bus::new(),
+            cmdline: boot::base_cmdline(config.console != ConsoleOutput::Off)?,
+            events: EventManager::new().map_err(|e| StartError::Device { device: "event loop".into(), reason: e.to_string() })?,
+            next: 0,
+        };
+        if config.rng {
+            setup.attach("rng", crate::devices::virtio::rng::Rng::new().map_err(|e| StartError::Device { device: "rng".into(), reason: e.to_string() })?)?;
+        }
+        for (i, d) in config.disks.iter().enumerate() {
+            let name = format!("disk{i} ({})", d.path.display());
+            let blk = crate::devices::virtio::block::Block::new(d.path.clone(), d.read_only, None)
+                .map_err(|e| StartError::Device { device: name.clone(), reason: e.to_string() })?;
+            setup.attach(&name, blk)?;
+        }
+        if let Some(v) = &config.vsock {
+            let name = format!("vsock ({})", v.uds_path.display());
+            let dev = crate::devices::virtio::vsock::Vsock::new(v.guest_cid, v.uds_path.clone())
+                .map_err(|e| StartError::Device { device: name.clone(), reason: e.to_string() })?;
+            setup.attach(&name, dev)?;
+        }
+        if !config.extra_cmdline.trim().is_empty() {
+            setup
+                .cmdline
+                .insert_str(config.extra_cmdline.trim())
+                .map_err(|e| StartError::Config(format!("kernel command line: {e}")))?;
+        }
+        let DeviceSetup { mmio, cmdline, mut events, .. } = setup;
+
+        let boot_info = boot::load_guest(&vm.mem, mem_bytes, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+        mptable::setup_mptable(&vm.mem, config.vcpus)?;
+        let mut vcpus = Vec::new();
+        for i in 0..config.vcpus {
+            let v = Vcpu::new(&vm.fd, i)?;
+            v.configure(&vm.mem, &vm.supported_cpuid, config.vcpus, (i == 0).then_some(boot_info.entry))?;
+            vcpus.push(v);
+        }
+        timeline.record(Milestone::KernelLoaded);
+
+        let dev_exits = exits_tx.clone();
+        std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || loop {
+                if let Err(e) = events.run() {
+                    let _ = dev_exits.send(VmExit::Error(format!("device event loop failed: {e}")));
+                    return;
+                }
+            })
+            .map_err(|e| StartError::Device { device: "device thread".into(), reason: e.to_string() })?;
+
+        let vcpus = VcpuSet::start(vcpus, Arc::new(pio), Arc::new(mmio), exits_tx.clone())?;
+        timeline.record(Milestone::VcpusStarted);
+        Ok(Self { vcpus: Arc::new(vcpus), vcpu_count: config.vcpus, exits_rx, exits_tx, timeline, vm })
+    }
+
+    fn legacy_devices(vm: &Vm, config: &VmConfig, exits: &Sender<VmExit>, timeline: &BootTimeline) -> Result<Bus, StartError> {
+        let mut pio = Bus::new();
+        let out: Box<dyn Write + Send> = match &config.console {
+            ConsoleOutput::Off => Box::new(std::io::sink()),
+            ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+            ConsoleOutput::File(p) => {
+                let f = File::create(p).map_err(|source| StartError::Console { path: p.display().to_string(), source })?;
+                Box::new(LineWriter::new(f))
+            }
+        };
+        let dev_err = |device: &str, reason: String| StartError::Device { device: device.into(), reason };
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| dev_err("serial", e.to_string()))?;
+        vm.fd.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(|e| dev_err("serial", e.to_string()))?;
+        let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+        pio.insert(serial, u64::from(layout::SERIAL_PORT), 8).map_err(|e| dev_err("serial", e.to_string()))?;
+
+        let reset_tx = Mutex::new(exits.clone());
+        let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(Box::new(move || {
+            if let Ok(tx) = reset_tx.lock() {
+                let _ = tx.send(VmExit::GuestReset);
+            }
+        }))));
+        pio.insert(i8042, u64::from(layout::I8042_PORT), layout::I8042_PORT_LEN)
+            .map_err(|e| dev_err("i8042", e.to_string()))?;
+
+        let marker: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(BootMarker::new(timeline.clone())));
+        pio.insert(marker, u64::from(layout::BOOT_MARKER_PORT), 1).map_err(|e| dev_err("boot marker", e.to_string()))?;
+        Ok(pio)
+    }
+
+    /// Blocks until the VM ends and says why.
+    pub fn wait(&self) -> VmExit {
+        self.exits_rx.recv().unwrap_or_else(|_| VmExit::Error("all VM threads ended without a reason".into()))
+    }
+
+    /// A sender that ends the VM when something is sent (signals, control API).
+    pub fn exit_sender(&self) -> Sender<VmExit> {
+        self.exits_tx.clone()
+    }
+
+    pub fn timeline(&self) -> &BootTimeline {
+        &self.timeline
+    }
+
+    pub fn pause(&self) -> bool {
+        self.vcpus.pause()
+    }
+
+    pub fn resume(&self) {
+        self.vcpus.resume()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.vm.mem_bytes
+    }
+
+    /// The handle the control API works through.
+    pub fn control(&self) -> crate::api::VmControl {
+        crate::api::VmControl {
+            vcpus: self.vcpus.clone(),
+            timeline: self.timeline.clone(),
+            exits: self.exits_tx.clone(),
+            vcpu_count: self.vcpu_count,
+            memory_bytes: self.vm.mem_bytes,
+        }
+    }
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! wisp's integration and end-to-end tests: the test runner (`harness`), helpers to
+//! find the built artifacts, and the tests themselves under `tests/`.
+
+pub mod harness;
+pub mod pattern;
+pub mod process;
+
+use std::path::PathBuf;
+
+/// The workspace root (where `Cargo.toml` and `target/` are).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// A built artifact under `target/`, e.g. `artifact("release/wisp-vmm")`.
+pub fn artifact(rel: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    target.join(rel)
+}

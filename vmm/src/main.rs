@@ -18,7 +18,7 @@ struct Args {
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Extra kernel command line, appended to what the VMM sets (console, devices).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline: String,
     #[arg(long, default_value_t = 1)]
     vcpus: u8,

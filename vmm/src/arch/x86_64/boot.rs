@@ -247,11 +247,8 @@ fn write_zero_page(
 /// user's own arguments are added.
 pub fn base_cmdline(console: bool) -> Result<Cmdline, BootError> {
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let base = if console {
-        "console=ttyS0 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd"
-    } else {
-        "8250.nr_uarts=0 quiet reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd"
-    };
+    // Only parameters this kernel knows: unknown ones are handed to init as arguments.
+    let base = if console { "console=ttyS0 reboot=k panic=-1" } else { "8250.nr_uarts=0 quiet reboot=k panic=-1" };
     c.insert_str(base).map_err(|e| BootError::Cmdline(e.to_string()))?;
     Ok(c)
 }

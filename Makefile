@@ -1,0 +1,91 @@
+# wisp: build, guest assets, install, tests, benchmarks, demo.
+# `make deps` once on a fresh Debian 12 machine, then `make test` runs everything CI runs.
+
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+CARGO       ?= cargo
+TRIPLE      := x86_64-unknown-linux-gnu
+RELEASE     := target/release
+GUEST       := target/guest
+SHAREDIR    := /usr/share/wisp
+CONFDIR     := /etc/wisp
+
+# Debian packages the project needs (build, guest kernel, emulated KVM host, tests).
+DEB_PACKAGES := containerd runc containernetworking-plugins busybox-static cpio kmod \
+	qemu-system-x86 protobuf-compiler libseccomp-dev flex bison bc libelf-dev libssl-dev \
+	linux-source-6.12 iproute2 file gzip xz-utils util-linux python3 gcc make
+
+# relocation-model=static: a plain static executable, not static-pie.
+STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
+AGENT_ENV := RUSTFLAGS='$(STATIC_RUSTFLAGS)' LIBSECCOMP_LINK_TYPE=static \
+	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
+
+.PHONY: all deps build agent guest kernel initrd install uninstall test unit e2e bench demo clean
+
+all: build guest
+
+deps:
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
+	@command -v $(CARGO) >/dev/null || { echo "deps: cargo not found: install Rust >= 1.85 (rustup)" >&2; exit 1; }
+
+build: agent
+	$(CARGO) build --release -p wisp-vmm -p wisp-shim
+
+# The agent runs as PID 1 in a guest with no libraries: link it statically.
+agent:
+	$(AGENT_ENV) $(CARGO) build --release --target $(TRIPLE) -p wisp-agent
+	@mkdir -p $(RELEASE)
+	install -m 0755 target/$(TRIPLE)/release/wisp-agent $(RELEASE)/wisp-agent
+	@file $(RELEASE)/wisp-agent | grep -q "statically linked" || \
+		{ echo "build: $(RELEASE)/wisp-agent is not statically linked (see DEPENDENCIES: LIBSECCOMP_* variables)" >&2; exit 1; }
+
+guest: kernel initrd
+
+# Cached under $$HOME/.cache/wisp/kernel/<hash of config + source version>.
+kernel:
+	guest/build-kernel.sh $(GUEST)/vmlinux
+
+initrd: agent
+	guest/make-initrd.sh $(RELEASE)/wisp-agent $(GUEST)/initrd.img
+	RUSTFLAGS='$(STATIC_RUSTFLAGS)' $(CARGO) build --release --target $(TRIPLE) -p vsock-probe
+	guest/make-test-initrd.sh $(GUEST)/test-initrd.img target/$(TRIPLE)/release/vsock-probe
+
+install:
+	install -D -m 0755 $(RELEASE)/containerd-shim-wisp-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-wisp-v2
+	install -D -m 0755 $(RELEASE)/wisp-vmm $(DESTDIR)$(PREFIX)/bin/wisp-vmm
+	install -D -m 0755 $(RELEASE)/wisp-agent $(DESTDIR)$(PREFIX)/bin/wisp-agent
+	install -D -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
+	install -D -m 0644 $(GUEST)/initrd.img $(DESTDIR)$(SHAREDIR)/initrd.img
+	@if [ -e $(DESTDIR)$(CONFDIR)/config.toml ]; then \
+		echo "install: keeping existing $(DESTDIR)$(CONFDIR)/config.toml"; \
+	else \
+		mkdir -p $(DESTDIR)$(CONFDIR); \
+		sed 's#/usr/local/bin/wisp-vmm#$(PREFIX)/bin/wisp-vmm#' config/config.toml > $(DESTDIR)$(CONFDIR)/config.toml; \
+		chmod 0644 $(DESTDIR)$(CONFDIR)/config.toml; \
+	fi
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/containerd-shim-wisp-v2 $(DESTDIR)$(PREFIX)/bin/wisp-vmm $(DESTDIR)$(PREFIX)/bin/wisp-agent
+	rm -f $(DESTDIR)$(SHAREDIR)/vmlinux $(DESTDIR)$(SHAREDIR)/initrd.img
+	-rmdir $(DESTDIR)$(SHAREDIR) 2>/dev/null
+	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.toml in place (remove it by hand if unwanted)"
+
+# Everything CI runs: unit tests, host integration tests, then the end-to-end suite in
+# the emulated KVM host.
+test: build guest unit e2e
+
+unit:
+	$(CARGO) test --workspace
+
+e2e: build guest
+	tests/e2e.sh
+
+bench:
+	@echo "bench: not implemented yet (issue: benchmarks)" >&2; exit 1
+
+demo:
+	@echo "demo: not implemented yet (issue: containerd shim)" >&2; exit 1
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs wisp's end-to-end suites. The test binaries are built here, on the host; they
+# run inside the emulated KVM host (tests/kvmhost/run) unless this machine has
+# hardware-style KVM (vmx/svm), where they run directly.
+#
+#   tests/e2e.sh [SUITE...]        default: every suite listed below
+# Ends with one line: "e2e: N passed, N failed, N skipped".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ALL_SUITES=(vmm_boot)
+
+if [ "${1:-}" = "--inside" ]; then
+    shift
+    passed=0 failed=0 skipped=0 broken=0
+    for bin in "$@"; do
+        log=$(mktemp)
+        set +e
+        "$bin" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        line=$(grep -E '^[a-z_]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1 || true)
+        rm -f "$log"
+        if [ -z "$line" ]; then
+            echo "e2e: $(basename "$bin") ended ($rc) without a summary" >&2
+            broken=$((broken + 1))
+            continue
+        fi
+        read -r p f s <<<"$(echo "$line" | sed -E 's/^[a-z_]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/')"
+        passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+        [ "$rc" = 0 ] || [ "$f" -gt 0 ] || broken=$((broken + 1))
+    done
+    failed=$((failed + broken))
+    echo
+    echo "e2e: $passed passed, $failed failed, $skipped skipped"
+    [ "$failed" = 0 ]
+    exit
+fi
+
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=("${ALL_SUITES[@]}")
+args=()
+for s in "${suites[@]}"; do args+=(--test "$s"); done
+bins=$(cargo test -p wisp-tests --no-run --message-format=json "${args[@]}" \
+    | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["executable"])')
+[ -n "$bins" ] || { echo "e2e: no test binaries were built" >&2; exit 1; }
+
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then
+    exec "$0" --inside $bins
+fi
+exec tests/kvmhost/run --timeout "${WISP_E2E_TIMEOUT:-3000}" -- "$0" --inside $bins

@@ -1,0 +1,129 @@
+//! A small test runner for tests that start processes, need root or KVM, or run inside
+//! the emulated KVM host. Unlike libtest it can report a case as skipped with its
+//! reason, and it ends with the plain summary line `N passed, N failed, N skipped`.
+//!
+//! Usage in a `harness = false` test target:
+//! ```ignore
+//! fn main() { Suite::new("vmm").case("boots", boots).run() }
+//! ```
+//! Command-line arguments that do not start with `-` filter cases by substring.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+/// How a case ended when it did not fail.
+#[derive(Debug)]
+pub enum Outcome {
+    Passed,
+    Skipped(String),
+}
+
+pub type CaseResult = anyhow::Result<Outcome>;
+
+type Case = (String, Box<dyn FnOnce() -> CaseResult>);
+
+pub struct Suite {
+    name: String,
+    cases: Vec<Case>,
+}
+
+impl Suite {
+    pub fn new(name: &str) -> Self {
+        Self { name: name.into(), cases: Vec::new() }
+    }
+
+    pub fn case(mut self, name: &str, f: impl FnOnce() -> CaseResult + 'static) -> Self {
+        self.cases.push((name.into(), Box::new(f)));
+        self
+    }
+
+    /// Runs the cases (in order, one at a time) and exits: 0 if none failed.
+    pub fn run(self) -> ! {
+        let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+        let mut failures = Vec::new();
+        let selected: Vec<Case> = self
+            .cases
+            .into_iter()
+            .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+            .collect();
+        println!("running {} tests of suite {}", selected.len(), self.name);
+        for (name, f) in selected {
+            let t = Instant::now();
+            let res = catch_unwind(AssertUnwindSafe(f));
+            let secs = t.elapsed().as_secs_f64();
+            match res {
+                Ok(Ok(Outcome::Passed)) => {
+                    passed += 1;
+                    println!("test {name} ... ok ({secs:.1}s)");
+                }
+                Ok(Ok(Outcome::Skipped(why))) => {
+                    skipped += 1;
+                    println!("test {name} ... skipped: {why}");
+                }
+                Ok(Err(e)) => {
+                    failed += 1;
+                    println!("test {name} ... FAILED ({secs:.1}s)");
+                    failures.push((name, format!("{e:#}")));
+                }
+                Err(p) => {
+                    failed += 1;
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into());
+                    println!("test {name} ... FAILED (panicked, {secs:.1}s)");
+                    failures.push((name, msg));
+                }
+            }
+        }
+        for (name, msg) in &failures {
+            println!("\n---- {name} ----\n{msg}");
+        }
+        println!();
+        println!("{}: {passed} passed, {failed} failed, {skipped} skipped", self.name);
+        std::process::exit(if failed > 0 { 1 } else { 0 })
+    }
+}
+
+/// Why a test needing root cannot run here, if it cannot.
+pub fn need_root() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    (unsafe { libc::geteuid() } != 0).then(|| "needs root".to_string())
+}
+
+/// Why a test needing a usable /dev/kvm cannot run here, if it cannot.
+pub fn need_kvm() -> Option<String> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => None,
+        Err(e) => Some(format!("needs /dev/kvm ({e})")),
+    }
+}
+
+/// Why a test needing hardware-style KVM (a real guest kernel boots) cannot run here.
+/// PVM (`kvm_pvm`) only runs PVM-built guests; such tests belong in the emulated KVM
+/// host (`tests/kvmhost/run`).
+pub fn need_full_kvm() -> Option<String> {
+    if let Some(why) = need_kvm() {
+        return Some(why);
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")));
+    (!hw).then(|| "needs hardware-style KVM (vmx/svm); this host's KVM cannot boot a normal guest kernel: run inside tests/kvmhost/run".to_string())
+}
+
+#[macro_export]
+macro_rules! skip_unless {
+    ($($why:expr),+) => {
+        $(if let Some(reason) = $why { return Ok($crate::harness::Outcome::Skipped(reason)); })+
+    };
+}
+
+/// Fails the case with a message unless `cond` holds.
+#[macro_export]
+macro_rules! ensure_that {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond { anyhow::bail!($($msg)+); }
+    };
+}

@@ -1,0 +1,118 @@
+//! Running a child process under test: its stdout and stderr are collected in the
+//! background so a test can wait for a line to appear, and a child that outlives its
+//! test is killed (never left behind).
+
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+#[derive(Default)]
+struct Output {
+    text: String,
+    closed: usize,
+}
+
+pub struct Watched {
+    child: Child,
+    out: Arc<(Mutex<Output>, Condvar)>,
+    name: String,
+}
+
+impl Watched {
+    /// Starts `cmd` with stdout and stderr captured (interleaved, as read).
+    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        let pipes: Vec<Box<dyn Read + Send>> = vec![
+            Box::new(child.stdout.take().context("stdout")?),
+            Box::new(child.stderr.take().context("stderr")?),
+        ];
+        for mut pipe in pipes {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    let n = pipe.read(&mut buf).unwrap_or(0);
+                    let (lock, cv) = &*out;
+                    let mut o = lock.lock().unwrap();
+                    if n == 0 {
+                        o.closed += 1;
+                        cv.notify_all();
+                        return;
+                    }
+                    o.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    cv.notify_all();
+                }
+            });
+        }
+        Ok(Self { child, out, name: name.into() })
+    }
+
+    pub fn output(&self) -> String {
+        self.out.0.lock().unwrap().text.clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the output contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.out;
+        let mut o = lock.lock().unwrap();
+        loop {
+            if o.text.contains(needle) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline || o.closed == 2 {
+                bail!("{} did not print {needle:?} within {timeout:?}; output so far:\n{}", self.name, o.text);
+            }
+            o = cv.wait_timeout(o, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for the exit and for all output; kills the child at the deadline.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let (lock, cv) = &*self.out;
+                let mut o = lock.lock().unwrap();
+                while o.closed < 2 && Instant::now() < deadline + Duration::from_secs(5) {
+                    o = cv.wait_timeout(o, Duration::from_millis(100)).unwrap().0;
+                }
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("{} did not exit within {timeout:?} (killed); output:\n{}", self.name, self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,1 +1,25 @@
-fn main() {}
+//! containerd-shim-wisp-v2: containerd's shim v2 for wisp. containerd starts it for the
+//! runtime type `io.containerd.wisp.v2`; it runs each pod in its own micro-VM.
+
+mod agent;
+mod cleanup;
+mod container;
+mod events;
+mod io;
+mod metrics;
+mod mounts;
+mod options;
+mod sandbox;
+mod service;
+mod shim;
+mod spec;
+mod vm;
+
+fn main() {
+    let config = containerd_shim::Config {
+        // The shim waits for its own child (the VMM); nothing else forks.
+        no_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::run::<shim::WispShim>(shim::RUNTIME_ID, Some(config));
+}

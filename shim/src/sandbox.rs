@@ -1,0 +1,600 @@
+//! One pod's micro-VM and everything the shim tracks for it: the VMM process, the agent
+//! connection, the shared directory and the containers. The task service is a thin
+//! layer over these operations.
+//!
+//! Failure rules: every step of Create that fails undoes the steps before it (mounts,
+//! the container in the guest, and the VM itself if this container started it); a VM
+//! that dies turns every live process into an exit with status 255, so no Wait hangs;
+//! the last container's Delete tears the VM down and removes `/run/wisp/<id>/`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use containerd_shim_protos::api::Mount;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed, TaskStart,
+};
+use containerd_shim_protos::topics;
+use wisp_config::Config;
+use wisp_protocols::agent;
+
+use crate::agent::{call_error, Agent};
+use crate::container::{Action, Container, Exit, Process, Status};
+use crate::events::EventSink;
+use crate::io::{ProcessIo, StdioPaths};
+use crate::mounts::ContainerMounts;
+use crate::spec::{BundleSpec, GUEST_SHARED_DIR};
+use crate::vm::{SandboxPaths, VmmProcess};
+
+/// Exit status reported for processes whose VM died under them.
+pub const VM_GONE_STATUS: u32 = 255;
+/// The virtio-fs tag of the shared directory.
+pub const SHARED_FS_TAG: &str = "wisp";
+/// How long output may take to drain after a process exits before TaskExit is sent.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(e: impl std::fmt::Display) -> TaskError {
+    TaskError::Internal(e.to_string())
+}
+
+/// A running VM with its agent.
+struct Guest {
+    vm: Arc<VmmProcess>,
+    agent: Arc<Agent>,
+    paths: SandboxPaths,
+    grace: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    guest: Option<Guest>,
+    /// Set when the VM ended on its own; the reason, for error messages.
+    vm_gone: Option<String>,
+    containers: HashMap<String, Container>,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    events: Arc<dyn EventSink>,
+    state: Mutex<State>,
+    me: Weak<Sandbox>,
+    /// Signalled when the shim may exit (no containers left, Shutdown called).
+    pub done: Arc<crate::container::ExitCell>,
+}
+
+/// What Create needs from containerd's request.
+pub struct CreateRequest {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: Vec<Mount>,
+    pub stdio: StdioPaths,
+    pub config_path: Option<PathBuf>,
+}
+
+impl Sandbox {
+    pub fn new(id: &str, events: Arc<dyn EventSink>, done: Arc<crate::container::ExitCell>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self { id: id.into(), events, state: Mutex::new(State::default()), me: me.clone(), done })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn agent(&self) -> Result<Arc<Agent>, TaskError> {
+        let st = self.lock();
+        match (&st.guest, &st.vm_gone) {
+            (_, Some(why)) => Err(TaskError::FailedPrecondition(format!("the pod's VM is gone: {why}"))),
+            (Some(g), None) => Ok(g.agent.clone()),
+            (None, None) => Err(TaskError::FailedPrecondition("the pod's VM is not running".into())),
+        }
+    }
+
+    // ---- the VM ----
+
+    fn boot(&self, config: Config, spec: &BundleSpec) -> Result<(), TaskError> {
+        let paths = SandboxPaths::new(&config.runtime.state_dir, &self.id);
+        if paths.dir.exists() {
+            return Err(TaskError::AlreadyExists(format!(
+                "{} exists: another wisp sandbox with id {} is running or was not cleaned up",
+                paths.dir.display(),
+                self.id
+            )));
+        }
+        std::fs::create_dir_all(paths.shared()).map_err(|e| internal(format!("creating {}: {e}", paths.shared().display())))?;
+        let me = self.me.clone();
+        let vm = match VmmProcess::start(&config, &paths, Box::new(move |why| {
+            if let Some(sb) = me.upgrade() {
+                sb.vm_ended(why);
+            }
+        })) {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                remove_state_dir(&paths.dir);
+                return Err(internal(e));
+            }
+        };
+        let a = &config.agent;
+        let agent = match Agent::connect(&paths.vsock(), a.dial_attempt_timeout(), a.dial_timeout(), a.rpc_timeout(), &|| vm.exited()) {
+            Ok(agent) => Arc::new(agent),
+            Err(e) => {
+                vm.stop(Duration::ZERO);
+                remove_state_dir(&paths.dir);
+                return Err(internal(format!("starting the pod's VM: {e}")));
+            }
+        };
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let req = agent::CreateSandboxRequest {
+            sandbox_id: self.id.clone(),
+            hostname: spec.hostname(),
+            shared_fs_tag: SHARED_FS_TAG.into(),
+            shared_fs_mount_point: GUEST_SHARED_DIR.into(),
+            guest_time_unix_sec: now.as_secs() as i64,
+            guest_time_nsec: now.subsec_nanos(),
+            ..Default::default()
+        };
+        if let Err(e) = agent.client.create_sandbox(agent.ctx(), &req) {
+            vm.stop(Duration::ZERO);
+            remove_state_dir(&paths.dir);
+            return Err(internal(call_error("CreateSandbox", e)));
+        }
+        let grace = config.runtime.shutdown_grace();
+        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace });
+        self.watch_oom(agent);
+        Ok(())
+    }
+
+    fn watch_oom(&self, agent: Arc<Agent>) {
+        let me = self.me.clone();
+        std::thread::spawn(move || loop {
+            match agent.client.get_oom_event(agent.long_poll_ctx(), &agent::Empty::new()) {
+                Ok(ev) => {
+                    let Some(sb) = me.upgrade() else { return };
+                    log::info!("OOM kill in container {}", ev.container_id);
+                    sb.events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }));
+                }
+                Err(_) => return,
+            }
+        });
+    }
+
+    /// The VMM process ended: every live process exits with VM_GONE_STATUS.
+    fn vm_ended(&self, why: String) {
+        let mut st = self.lock();
+        if st.guest.is_none() {
+            return;
+        }
+        log::warn!("sandbox {}: the VM ended: {why}", self.id);
+        st.vm_gone = Some(why);
+        let mut exits = Vec::new();
+        for c in st.containers.values_mut() {
+            let procs = std::iter::once(&mut c.init).chain(c.execs.values_mut());
+            for p in procs {
+                if p.status != Status::Stopped {
+                    let _ = p.apply(Action::Exit);
+                    let e = p.exit.set(VM_GONE_STATUS);
+                    p.exit.notify();
+                    if p.guest_pid != 0 {
+                        exits.push((c.id.clone(), p.exec_id.clone(), e));
+                    }
+                }
+            }
+        }
+        drop(st);
+        for (cid, eid, e) in exits {
+            self.publish_exit(&cid, &eid, e);
+        }
+    }
+
+    /// Asks the agent to end the guest, stops the VMM, removes the state directory.
+    fn teardown(&self) {
+        let guest = self.lock().guest.take();
+        if let Some(g) = guest {
+            if g.vm.exited().is_none() {
+                let _ = g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new());
+            }
+            g.vm.stop(g.grace);
+            remove_state_dir(&g.paths.dir);
+        }
+    }
+
+    // ---- containers ----
+
+    pub fn create(&self, req: CreateRequest) -> Result<(), TaskError> {
+        if req.id.is_empty() || req.id.contains('/') || req.id.len() > wisp_protocols::stdio::MAX_ID_LEN {
+            return Err(TaskError::InvalidArgument(format!("container id {:?} is not usable", req.id)));
+        }
+        if self.lock().containers.contains_key(&req.id) {
+            return Err(TaskError::AlreadyExists(format!("container {} already exists", req.id)));
+        }
+        let spec = BundleSpec::load(&req.bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let first = self.lock().guest.is_none();
+        if first {
+            let config = crate::options::sandbox_config(req.config_path.clone(), &spec.annotations())
+                .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+            config.check_host_files().map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
+            self.boot(config, &spec)?;
+        }
+        let result = self.create_in_guest(&req, &spec);
+        if result.is_err() && first {
+            self.teardown();
+        }
+        result
+    }
+
+    fn create_in_guest(&self, req: &CreateRequest, spec: &BundleSpec) -> Result<(), TaskError> {
+        let agent = self.agent()?;
+        let (shared, vsock) = {
+            let st = self.lock();
+            let g = st.guest.as_ref().ok_or_else(|| TaskError::FailedPrecondition("no VM".into()))?;
+            (g.paths.shared(), g.paths.vsock())
+        };
+        let mut mounts = ContainerMounts::new(shared.join(&req.id));
+        mounts.mount_rootfs(&req.rootfs, &spec.root_path(&req.bundle)).map_err(internal)?;
+        mounts.mount_binds(&spec.shared_binds()).map_err(internal)?;
+
+        let guest_spec = serde_json::to_vec(&spec.for_guest(&req.id)).map_err(internal)?;
+        let creq = agent::CreateContainerRequest {
+            container_id: req.id.clone(),
+            oci_spec_json: guest_spec,
+            stdio: protobuf::MessageField::some(req.stdio.spec()),
+            sandbox_container: spec.is_sandbox_container(),
+            ..Default::default()
+        };
+        agent.client.create_container(agent.ctx(), &creq).map_err(|e| TaskError::InvalidArgument(call_error("CreateContainer", e).to_string()))?;
+        let io = match ProcessIo::attach(&vsock, &req.id, "", &req.stdio) {
+            Ok(io) => io,
+            Err(e) => {
+                let rm = agent::RemoveContainerRequest { container_id: req.id.clone(), timeout_ms: 5000, ..Default::default() };
+                let _ = agent.client.remove_container(agent.ctx(), &rm);
+                return Err(internal(e));
+            }
+        };
+        let mut init = Process::new("", req.stdio.clone(), Vec::new());
+        init.io = Some(Arc::new(Mutex::new(io)));
+        let container = Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            init,
+            execs: HashMap::new(),
+            mounts,
+        };
+        self.lock().containers.insert(req.id.clone(), container);
+        self.events.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.display().to_string(),
+                rootfs: req.rootfs.clone(),
+                io: protobuf::MessageField::some(TaskIO {
+                    stdin: req.stdio.stdin.clone(),
+                    stdout: req.stdio.stdout.clone(),
+                    stderr: req.stdio.stderr.clone(),
+                    terminal: req.stdio.terminal,
+                    ..Default::default()
+                }),
+                pid: std::process::id(),
+                ..Default::default()
+            }),
+        );
+        Ok(())
+    }
+
+    fn with_process<T>(&self, cid: &str, eid: &str, f: impl FnOnce(&mut Process) -> Result<T, TaskError>) -> Result<T, TaskError> {
+        let mut st = self.lock();
+        let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+        let p = c.process_mut(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of container {cid} not found")))?;
+        f(p)
+    }
+
+    /// Starts a container's init process or an exec; returns the pid reported to containerd.
+    pub fn start(&self, cid: &str, eid: &str) -> Result<u32, TaskError> {
+        let agent = self.agent()?;
+        let (status, stdio, spec) = self.with_process(cid, eid, |p| Ok((p.status, p.stdio.clone(), p.spec.clone())))?;
+        if status != Status::Created {
+            return Err(TaskError::FailedPrecondition(format!("{cid}/{eid} is {status:?}, not created")));
+        }
+        let guest_pid = if eid.is_empty() {
+            let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
+            agent.client.start_container(agent.ctx(), &req).map_err(|e| internal(call_error("StartContainer", e)))?.pid
+        } else {
+            let req = agent::ExecProcessRequest {
+                container_id: cid.into(),
+                exec_id: eid.into(),
+                process_json: spec,
+                stdio: protobuf::MessageField::some(stdio.spec()),
+                ..Default::default()
+            };
+            let pid = agent.client.exec_process(agent.ctx(), &req).map_err(|e| TaskError::InvalidArgument(call_error("ExecProcess", e).to_string()))?.pid;
+            let vsock = self.lock().guest.as_ref().map(|g| g.paths.vsock()).unwrap_or_default();
+            let io = ProcessIo::attach(&vsock, cid, eid, &stdio).map_err(internal)?;
+            self.with_process(cid, eid, |p| {
+                p.io = Some(Arc::new(Mutex::new(io)));
+                Ok(())
+            })?;
+            pid
+        };
+        self.with_process(cid, eid, |p| {
+            p.guest_pid = guest_pid;
+            p.apply(Action::Start).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
+        })?;
+        self.spawn_waiter(agent, cid, eid);
+        let pid = std::process::id();
+        if eid.is_empty() {
+            self.events.publish(topics::TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid.into(), pid, ..Default::default() }));
+        } else {
+            self.events.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted { container_id: cid.into(), exec_id: eid.into(), pid, ..Default::default() }),
+            );
+        }
+        Ok(pid)
+    }
+
+    /// Long-polls the agent for the process's exit, drains its output, then records the
+    /// exit and publishes TaskExit. A broken connection (VM gone) counts as 255.
+    fn spawn_waiter(&self, agent: Arc<Agent>, cid: &str, eid: &str) {
+        let me = self.me.clone();
+        let (cid, eid) = (cid.to_string(), eid.to_string());
+        std::thread::spawn(move || {
+            let req = agent::ProcessRequest { container_id: cid.clone(), exec_id: eid.clone(), ..Default::default() };
+            let status = match agent.client.wait_process(agent.long_poll_ctx(), &req) {
+                Ok(r) => r.exit_status as u32,
+                Err(e) => {
+                    log::warn!("waiting for {cid}/{eid}: {}", call_error("WaitProcess", e));
+                    VM_GONE_STATUS
+                }
+            };
+            let Some(sb) = me.upgrade() else { return };
+            let io = sb.with_process(&cid, &eid, |p| Ok(p.io.clone())).ok().flatten();
+            if let Some(io) = io {
+                let drained = io.lock().unwrap_or_else(|e| e.into_inner()).wait_output(OUTPUT_DRAIN);
+                if !drained {
+                    log::warn!("{cid}/{eid}: output still flowing {OUTPUT_DRAIN:?} after exit; reporting the exit anyway");
+                }
+            }
+            let exit = sb.with_process(&cid, &eid, |p| {
+                if p.status == Status::Stopped {
+                    return Ok(None);
+                }
+                let _ = p.apply(Action::Exit);
+                let e = p.exit.set(status);
+                p.exit.notify();
+                Ok(Some(e))
+            });
+            if let Ok(Some(e)) = exit {
+                sb.publish_exit(&cid, &eid, e);
+            }
+        });
+    }
+
+    fn publish_exit(&self, cid: &str, eid: &str, e: Exit) {
+        let id = if eid.is_empty() { cid } else { eid };
+        self.events.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit {
+                container_id: cid.into(),
+                id: id.into(),
+                pid: std::process::id(),
+                exit_status: e.status,
+                exited_at: protobuf::MessageField::some(timestamp(e.at)),
+                ..Default::default()
+            }),
+        );
+    }
+
+    pub fn add_exec(&self, cid: &str, eid: &str, stdio: StdioPaths, spec: Vec<u8>) -> Result<(), TaskError> {
+        if eid.is_empty() || eid.len() > wisp_protocols::stdio::MAX_ID_LEN {
+            return Err(TaskError::InvalidArgument(format!("exec id {eid:?} is not usable")));
+        }
+        {
+            let mut st = self.lock();
+            let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+            if c.init.status != Status::Running {
+                return Err(TaskError::FailedPrecondition(format!("container {cid} is {:?}, not running", c.init.status)));
+            }
+            if c.execs.contains_key(eid) {
+                return Err(TaskError::AlreadyExists(format!("exec {eid} already exists in {cid}")));
+            }
+            c.execs.insert(eid.into(), Process::new(eid, stdio, spec));
+        }
+        self.events.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded { container_id: cid.into(), exec_id: eid.into(), ..Default::default() }),
+        );
+        Ok(())
+    }
+
+    /// Deletes an exec or a container (whose processes must have stopped). Deleting the
+    /// last container tears the VM down.
+    pub fn delete(&self, cid: &str, eid: &str) -> Result<(u32, Exit), TaskError> {
+        if !eid.is_empty() {
+            let mut st = self.lock();
+            let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+            let p = c.execs.get(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of {cid} not found")))?;
+            if p.status == Status::Running || p.status == Status::Paused {
+                return Err(TaskError::FailedPrecondition(format!("exec {eid} is still running")));
+            }
+            let p = c.execs.remove(eid).ok_or_else(|| TaskError::NotFound(eid.into()))?;
+            let exit = p.exit.get().unwrap_or(Exit { status: 0, at: SystemTime::now() });
+            return Ok((std::process::id(), exit));
+        }
+        let (status, exit) = self.with_process(cid, "", |p| Ok((p.status, p.exit.get())))?;
+        if status == Status::Running || status == Status::Paused {
+            return Err(TaskError::FailedPrecondition(format!("container {cid} is still running; kill it first")));
+        }
+        if let Ok(agent) = self.agent() {
+            let req = agent::RemoveContainerRequest { container_id: cid.into(), timeout_ms: 10_000, ..Default::default() };
+            if let Err(e) = agent.client.remove_container(agent.ctx(), &req) {
+                log::warn!("removing {cid} in the guest: {}", call_error("RemoveContainer", e));
+            }
+        }
+        let removed = self.lock().containers.remove(cid);
+        let exit = exit.unwrap_or(Exit { status: 0, at: SystemTime::now() });
+        if let Some(mut c) = removed {
+            if let Some(io) = c.init.io.take() {
+                io.lock().unwrap_or_else(|e| e.into_inner()).close_stdin();
+            }
+            c.mounts.unmount_all();
+        }
+        self.events.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: cid.into(),
+                id: cid.into(),
+                pid: std::process::id(),
+                exit_status: exit.status,
+                exited_at: protobuf::MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+        );
+        if self.lock().containers.is_empty() {
+            self.teardown();
+            self.done.set(0);
+            self.done.notify();
+        }
+        Ok((std::process::id(), exit))
+    }
+
+    pub fn kill(&self, cid: &str, eid: &str, signal: u32, all: bool) -> Result<(), TaskError> {
+        let status = self.with_process(cid, eid, |p| Ok(p.status))?;
+        if status == Status::Stopped {
+            return Err(TaskError::NotFound(format!("process {cid}/{eid} already finished")));
+        }
+        if status == Status::Created && eid.is_empty() {
+            // Never started: nothing runs in the guest yet; it just becomes stopped.
+            let exit = self.with_process(cid, eid, |p| {
+                let _ = p.apply(Action::Exit);
+                let e = p.exit.set(128 + signal);
+                p.exit.notify();
+                Ok(e)
+            })?;
+            self.publish_exit(cid, eid, exit);
+            return Ok(());
+        }
+        let agent = self.agent()?;
+        let req = agent::SignalProcessRequest { container_id: cid.into(), exec_id: eid.into(), signal, all, ..Default::default() };
+        agent.client.signal_process(agent.ctx(), &req).map_err(|e| TaskError::NotFound(call_error("SignalProcess", e).to_string()))?;
+        Ok(())
+    }
+
+    pub fn wait(&self, cid: &str, eid: &str) -> Result<Exit, TaskError> {
+        let cell = self.with_process(cid, eid, |p| Ok(p.exit.clone()))?;
+        Ok(cell.wait())
+    }
+
+    pub fn state(&self, cid: &str, eid: &str) -> Result<(Status, StdioPaths, Option<Exit>, PathBuf), TaskError> {
+        let st = self.lock();
+        let c = st.containers.get(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+        let p = c.process(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of {cid} not found")))?;
+        Ok((p.status, p.stdio.clone(), p.exit.get(), c.bundle.clone()))
+    }
+
+    pub fn pause(&self, cid: &str, pause: bool) -> Result<(), TaskError> {
+        let agent = self.agent()?;
+        let action = if pause { Action::Pause } else { Action::Resume };
+        let status = self.with_process(cid, "", |p| Ok(p.status))?;
+        crate::container::transition(status, action).map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
+        let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
+        if pause {
+            agent.client.pause_container(agent.ctx(), &req).map_err(|e| internal(call_error("PauseContainer", e)))?;
+        } else {
+            agent.client.resume_container(agent.ctx(), &req).map_err(|e| internal(call_error("ResumeContainer", e)))?;
+        }
+        self.with_process(cid, "", |p| p.apply(action).map_err(|e| TaskError::FailedPrecondition(e.to_string())))?;
+        if pause {
+            self.events.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: cid.into(), ..Default::default() }));
+        } else {
+            self.events.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: cid.into(), ..Default::default() }));
+        }
+        Ok(())
+    }
+
+    pub fn pids(&self, cid: &str) -> Result<Vec<u32>, TaskError> {
+        self.with_process(cid, "", |_| Ok(()))?;
+        let agent = self.agent()?;
+        let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
+        Ok(agent.client.list_processes(agent.ctx(), &req).map_err(|e| internal(call_error("ListProcesses", e)))?.pids)
+    }
+
+    pub fn stats(&self, cid: &str) -> Result<agent::StatsContainerResponse, TaskError> {
+        self.with_process(cid, "", |_| Ok(()))?;
+        let agent = self.agent()?;
+        let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
+        agent.client.stats_container(agent.ctx(), &req).map_err(|e| internal(call_error("StatsContainer", e)))
+    }
+
+    pub fn update(&self, cid: &str, resources_json: Vec<u8>) -> Result<(), TaskError> {
+        self.with_process(cid, "", |_| Ok(()))?;
+        let agent = self.agent()?;
+        let req = agent::UpdateContainerRequest { container_id: cid.into(), resources_json, ..Default::default() };
+        agent.client.update_container(agent.ctx(), &req).map_err(|e| TaskError::InvalidArgument(call_error("UpdateContainer", e).to_string()))?;
+        Ok(())
+    }
+
+    pub fn resize_pty(&self, cid: &str, eid: &str, width: u32, height: u32) -> Result<(), TaskError> {
+        self.with_process(cid, eid, |_| Ok(()))?;
+        let agent = self.agent()?;
+        let req = agent::TtyWinResizeRequest { container_id: cid.into(), exec_id: eid.into(), rows: height, cols: width, ..Default::default() };
+        agent.client.tty_win_resize(agent.ctx(), &req).map_err(|e| internal(call_error("TtyWinResize", e)))?;
+        Ok(())
+    }
+
+    pub fn close_stdin(&self, cid: &str, eid: &str) -> Result<(), TaskError> {
+        let io = self.with_process(cid, eid, |p| Ok(p.io.clone()))?;
+        if let Some(io) = io {
+            io.lock().unwrap_or_else(|e| e.into_inner()).close_stdin();
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().containers.is_empty()
+    }
+
+    /// Shutdown with containers left (containerd only asks when there are none): tear
+    /// everything down anyway, as the shim is about to go.
+    pub fn shutdown_now(&self) {
+        let ids: Vec<String> = self.lock().containers.keys().cloned().collect();
+        for id in ids {
+            if let Some(mut c) = self.lock().containers.remove(&id) {
+                c.mounts.unmount_all();
+            }
+        }
+        self.teardown();
+        self.done.set(0);
+        self.done.notify();
+    }
+}
+
+pub fn timestamp(t: SystemTime) -> protobuf::well_known_types::timestamp::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    protobuf::well_known_types::timestamp::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32, ..Default::default() }
+}
+
+/// Removes a sandbox state directory: everything below must already be unmounted
+/// (`ContainerMounts`); anything still mounted is detached first so no file on a
+/// volume is ever deleted through it.
+pub fn remove_state_dir(dir: &Path) {
+    crate::cleanup::unmount_below(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}

@@ -13,6 +13,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work"/{dev,proc,sys,run,tmp,etc}
 install -m 0755 "$agent" "$work/init"
+strip --strip-all "$work/init"
 # The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
 if [ "$(id -u)" = 0 ]; then
     mknod -m 600 "$work/dev/console" c 5 1

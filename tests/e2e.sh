@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SUITES=(vmm_boot)
+ALL_SUITES=(vmm_boot guest_agent ctr)
 
 if [ "${1:-}" = "--inside" ]; then
     shift

@@ -1,9 +1,12 @@
 //! wisp's integration and end-to-end tests: the test runner (`harness`), helpers to
 //! find the built artifacts, and the tests themselves under `tests/`.
 
+pub mod containerd;
 pub mod harness;
+pub mod image;
 pub mod pattern;
 pub mod process;
+pub mod rootfs;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,153 @@
+//! Guest-wide settings the host asks for: wall clock, hostname, the shared filesystem,
+//! resolv.conf, network sysctls, and the guest details report; plus the final reboot.
+//! These change the whole machine, so the agent does them only as the guest's PID 1,
+//! never in host test mode.
+//!
+//! Trusts: nothing in the values; each is bounded and checked before use.
+
+use std::io;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use wisp_protocols::agent::GuestDetailsResponse;
+
+pub const DEFAULT_SHARED_MOUNT: &str = "/run/wisp/shared";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("setting the guest clock: {0}")]
+    Clock(nix::Error),
+    #[error("setting the hostname: {0}")]
+    Hostname(nix::Error),
+    #[error("mounting virtio-fs tag {tag:?} on {mount_point}: {source} (is the VMM's fs device present?)")]
+    SharedFs { tag: String, mount_point: String, source: nix::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GuestError {
+    let what = what.into();
+    move |source| GuestError::Io { what, source }
+}
+
+pub fn set_time(sec: i64, nsec: u32) -> Result<(), GuestError> {
+    if sec <= 0 || nsec >= 1_000_000_000 {
+        return Err(GuestError::Invalid(format!("time {sec}.{nsec:09} is not a valid wall-clock time")));
+    }
+    let ts = nix::sys::time::TimeSpec::new(sec, nsec as i64);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(GuestError::Clock)
+}
+
+pub fn set_hostname(name: &str) -> Result<(), GuestError> {
+    if name.is_empty() || name.len() > 64 || name.contains(['\0', '/']) {
+        return Err(GuestError::Invalid(format!("hostname {name:?} is not valid (1-64 bytes, no '/')")));
+    }
+    nix::unistd::sethostname(name).map_err(GuestError::Hostname)
+}
+
+pub fn mount_shared_fs(tag: &str, mount_point: &Path) -> Result<(), GuestError> {
+    if tag.is_empty() || tag.len() > 36 || tag.contains('\0') {
+        return Err(GuestError::Invalid(format!("virtio-fs tag {tag:?} is not valid (1-36 bytes)")));
+    }
+    if !mount_point.is_absolute() || mount_point.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(GuestError::Invalid(format!(
+            "shared filesystem mount point {mount_point:?} must be an absolute path"
+        )));
+    }
+    std::fs::create_dir_all(mount_point).map_err(io_err(format!("creating {}", mount_point.display())))?;
+    mount(Some(tag), mount_point, Some("virtiofs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>).map_err(
+        |source| GuestError::SharedFs { tag: tag.into(), mount_point: mount_point.display().to_string(), source },
+    )
+}
+
+pub fn write_resolv_conf(content: &str) -> Result<(), GuestError> {
+    if content.len() > 64 * 1024 || content.contains('\0') {
+        return Err(GuestError::Invalid("resolv.conf content is larger than 64 KiB or has NUL bytes".into()));
+    }
+    std::fs::create_dir_all("/etc").map_err(io_err("creating /etc"))?;
+    std::fs::write("/etc/resolv.conf", content).map_err(io_err("writing /etc/resolv.conf"))
+}
+
+/// Writes one already-validated sysctl (see `spec::sysctl_path`).
+pub fn apply_sysctl(key: &str, value: &str) -> Result<(), GuestError> {
+    let path = crate::spec::sysctl_path(key);
+    std::fs::write(&path, value).map_err(io_err(format!("setting sysctl {key}")))
+}
+
+pub fn details(cgroup_controllers: Vec<String>) -> GuestDetailsResponse {
+    let uname = nix::sys::utsname::uname().ok();
+    let kernel_release = uname.map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_total_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let rss_pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    GuestDetailsResponse {
+        kernel_release,
+        mem_total_bytes: mem_total_kib * 1024,
+        cpus,
+        cgroup_controllers,
+        agent_rss_bytes: rss_pages * page,
+        ..Default::default()
+    }
+}
+
+/// The cgroup controllers available to containers.
+pub fn cgroup_controllers() -> Vec<String> {
+    let v2 = Path::new(crate::cgroup::CGROUP_ROOT).join("cgroup.controllers");
+    if let Ok(text) = std::fs::read_to_string(v2) {
+        return text.split_whitespace().map(String::from).collect();
+    }
+    let mut names: Vec<String> = std::fs::read_to_string("/proc/cgroups")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split_whitespace().nth(3) == Some("1"))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Ends the VM: the VMM treats a guest reboot as the VM's end (the kernel runs with
+/// `reboot=k`; there is no ACPI, so a power-off would hang).
+pub fn reboot() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Only reached if reboot failed (not PID 1 or no permission).
+    std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_refused_before_touching_the_machine() {
+        assert!(matches!(set_time(0, 0), Err(GuestError::Invalid(_))));
+        assert!(matches!(set_time(1, 1_000_000_000), Err(GuestError::Invalid(_))));
+        assert!(matches!(set_hostname(""), Err(GuestError::Invalid(_))));
+        assert!(matches!(set_hostname(&"h".repeat(65)), Err(GuestError::Invalid(_))));
+        assert!(matches!(mount_shared_fs("", Path::new("/x")), Err(GuestError::Invalid(_))));
+        assert!(matches!(mount_shared_fs("tag", Path::new("rel")), Err(GuestError::Invalid(_))));
+        assert!(matches!(write_resolv_conf(&"x".repeat(70_000)), Err(GuestError::Invalid(_))));
+    }
+
+    #[test]
+    fn details_report_this_machine() {
+        let d = details(vec!["memory".into()]);
+        assert!(d.mem_total_bytes > 0);
+        assert!(d.cpus >= 1);
+        assert!(!d.kernel_release.is_empty());
+        assert!(d.agent_rss_bytes > 0);
+    }
+}

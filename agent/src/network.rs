@@ -1,0 +1,409 @@
+//! Guest network configuration over rtnetlink (the guest has no `ip` binary):
+//! UpdateInterface finds the interface by MAC, renames it, sets the MTU, replaces its
+//! addresses and brings it up; UpdateRoutes adds routes (link routes before gateway
+//! routes, so gateways are reachable when their routes go in).
+//!
+//! Trusts: nothing in requests (addresses, prefixes and names are parsed and checked
+//! here); the kernel's netlink answers.
+
+use std::net::IpAddr;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use wisp_protocols::agent::{Interface, IpAddress, Route};
+
+use crate::sandbox::ErrorClass;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no guest interface has MAC address {0} (is the VMM's net device attached?)")]
+    NoSuchMac(String),
+    #[error("no guest interface is named {0:?}")]
+    NoSuchDevice(String),
+    #[error("netlink {op}: {msg}")]
+    Netlink { op: &'static str, msg: String },
+}
+
+impl NetworkError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Invalid(_) => ErrorClass::InvalidArgument,
+            Self::NoSuchMac(_) | Self::NoSuchDevice(_) => ErrorClass::NotFound,
+            Self::Netlink { .. } => ErrorClass::Internal,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, NetworkError>;
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || NetworkError::Invalid(format!("MAC address {s:?} is not six hex bytes like 02:00:00:00:00:01"));
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+/// "10.0.0.0/8" -> (addr, 8); "" -> None (default route).
+pub fn parse_cidr(s: &str) -> Result<Option<(IpAddr, u8)>> {
+    if s.is_empty() || s == "default" {
+        return Ok(None);
+    }
+    let bad = || NetworkError::Invalid(format!("route destination {s:?} is not a CIDR like 10.0.0.0/24"));
+    let (a, p) = s.split_once('/').unwrap_or((s, ""));
+    let addr: IpAddr = a.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = if p.is_empty() { max } else { p.parse::<u8>().map_err(|_| bad())? };
+    if prefix > max {
+        return Err(bad());
+    }
+    Ok(Some((addr, prefix)))
+}
+
+fn parse_address(a: &IpAddress) -> Result<(IpAddr, u8)> {
+    let addr: IpAddr =
+        a.address.parse().map_err(|_| NetworkError::Invalid(format!("{:?} is not an IP address", a.address)))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if a.prefix_len > max {
+        return Err(NetworkError::Invalid(format!("prefix length {} is too long for {addr}", a.prefix_len)));
+    }
+    Ok((addr, a.prefix_len as u8))
+}
+
+fn check_ifname(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0', ':']) {
+        return Err(NetworkError::Invalid(format!(
+            "interface name {name:?} is not valid (1-15 bytes, no '/', ':' or spaces)"
+        )));
+    }
+    Ok(())
+}
+
+fn family(a: &IpAddr) -> AddressFamily {
+    if a.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+fn route_addr(a: IpAddr) -> RouteAddress {
+    match a {
+        IpAddr::V4(v) => RouteAddress::Inet(v),
+        IpAddr::V6(v) => RouteAddress::Inet6(v),
+    }
+}
+
+struct Netlink {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    fn open() -> Result<Self> {
+        let err = |e: std::io::Error| NetworkError::Netlink { op: "socket", msg: e.to_string() };
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(err)?;
+        sock.bind_auto().map_err(err)?;
+        sock.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    /// Sends one request and collects the answers until DONE or the ACK.
+    fn request(&mut self, op: &'static str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+        let err = |msg: String| NetworkError::Netlink { op, msg };
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        nl.finalize();
+        let mut buf = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        self.sock.send(&buf, 0).map_err(|e| err(e.to_string()))?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.sock.recv_from_full().map_err(|e| err(e.to_string()))?;
+            let mut off = 0;
+            while off < data.len() {
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..]).map_err(|e| err(e.to_string()))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    return Ok(out);
+                }
+                off += (len + 3) & !3;
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => return Ok(out),
+                        Some(code) => return Err(err(std::io::Error::from_raw_os_error(-code.get()).to_string())),
+                    },
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    _ => {}
+                }
+            }
+            if flags & NLM_F_DUMP == 0 && flags & NLM_F_ACK == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn links(&mut self) -> Result<Vec<LinkMessage>> {
+        let answers = self.request("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn link_by_mac(&mut self, mac: &[u8; 6]) -> Result<Option<LinkMessage>> {
+        Ok(self
+            .links()?
+            .into_iter()
+            .find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::Address(m) if m == mac))))
+    }
+
+    fn index_of(&mut self, name: &str) -> Result<u32> {
+        self.links()?
+            .into_iter()
+            .find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)))
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetworkError::NoSuchDevice(name.into()))
+    }
+
+    fn set_link(&mut self, op: &'static str, index: u32, up: Option<bool>, attrs: Vec<LinkAttribute>) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if let Some(up) = up {
+            m.header.change_mask = LinkFlags::Up;
+            m.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
+        }
+        m.attributes = attrs;
+        self.request(op, RouteNetlinkMessage::SetLink(m), NLM_F_ACK)?;
+        Ok(())
+    }
+
+    fn addresses(&mut self, index: u32) -> Result<Vec<AddressMessage>> {
+        let answers =
+            self.request("list addresses", RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => Some(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn add_address(&mut self, index: u32, addr: IpAddr, prefix: u8) -> Result<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = family(&addr);
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        m.header.scope = AddressScope::Universe;
+        m.attributes.push(AddressAttribute::Local(addr));
+        m.attributes.push(AddressAttribute::Address(addr));
+        self.request("add address", RouteNetlinkMessage::NewAddress(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+}
+
+pub fn update_interface(iface: &Interface) -> Result<Interface> {
+    let mac = parse_mac(&iface.mac)?;
+    if !iface.name.is_empty() {
+        check_ifname(&iface.name)?;
+    }
+    if iface.mtu != 0 && !(68..=65535).contains(&iface.mtu) {
+        return Err(NetworkError::Invalid(format!("MTU {} is out of range 68-65535", iface.mtu)));
+    }
+    let addrs: Vec<(IpAddr, u8)> = iface.addresses.iter().map(parse_address).collect::<Result<_>>()?;
+
+    let mut nl = Netlink::open()?;
+    let link = nl.link_by_mac(&mac)?.ok_or_else(|| NetworkError::NoSuchMac(iface.mac.clone()))?;
+    let index = link.header.index;
+    nl.set_link("set link down", index, Some(false), Vec::new())?;
+    let mut attrs = Vec::new();
+    if !iface.name.is_empty() {
+        attrs.push(LinkAttribute::IfName(iface.name.clone()));
+    }
+    if iface.mtu != 0 {
+        attrs.push(LinkAttribute::Mtu(iface.mtu));
+    }
+    if !attrs.is_empty() {
+        nl.set_link("rename/set MTU", index, None, attrs)?;
+    }
+    for old in nl.addresses(index)? {
+        if old.header.scope == AddressScope::Link {
+            continue;
+        }
+        nl.request("remove old address", RouteNetlinkMessage::DelAddress(old), NLM_F_ACK)?;
+    }
+    for (a, p) in &addrs {
+        nl.add_address(index, *a, *p)?;
+    }
+    nl.set_link("set link up", index, Some(true), Vec::new())?;
+    log::info!("configured interface {} ({}) with {} addresses", iface.name, iface.mac, addrs.len());
+    Ok(iface.clone())
+}
+
+pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
+    struct Parsed<'a> {
+        r: &'a Route,
+        dest: Option<(IpAddr, u8)>,
+        gw: Option<IpAddr>,
+        src: Option<IpAddr>,
+    }
+    let mut parsed = Vec::new();
+    for r in routes {
+        let ip = |s: &str, what: &str| -> Result<Option<IpAddr>> {
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse().map(Some).map_err(|_| NetworkError::Invalid(format!("route {what} {s:?} is not an IP address")))
+        };
+        if r.scope > 255 {
+            return Err(NetworkError::Invalid(format!("route scope {} is out of range", r.scope)));
+        }
+        parsed.push(Parsed {
+            r,
+            dest: parse_cidr(&r.destination)?,
+            gw: ip(&r.gateway, "gateway")?,
+            src: ip(&r.source, "source")?,
+        });
+    }
+    // Link routes first: gateway routes need their gateway reachable.
+    parsed.sort_by_key(|p| p.gw.is_some());
+    let mut nl = Netlink::open()?;
+    for p in &parsed {
+        let mut m = RouteMessage::default();
+        let fam = p.dest.map(|(a, _)| a).or(p.gw).or(p.src).map(|a| family(&a)).unwrap_or(AddressFamily::Inet);
+        m.header.address_family = fam;
+        m.header.table = libc::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.kind = RouteType::Unicast;
+        m.header.scope = match (p.r.scope, p.gw) {
+            (0, None) => RouteScope::Link,
+            (0, Some(_)) => RouteScope::Universe,
+            (s, _) => RouteScope::from(s as u8),
+        };
+        if let Some((a, len)) = p.dest {
+            m.header.destination_prefix_length = len;
+            m.attributes.push(RouteAttribute::Destination(route_addr(a)));
+        }
+        if let Some(g) = p.gw {
+            m.attributes.push(RouteAttribute::Gateway(route_addr(g)));
+        }
+        if let Some(s) = p.src {
+            m.attributes.push(RouteAttribute::PrefSource(route_addr(s)));
+        }
+        if !p.r.device.is_empty() {
+            check_ifname(&p.r.device)?;
+            let idx = nl.index_of(&p.r.device)?;
+            m.attributes.push(RouteAttribute::Oif(idx));
+        }
+        if p.r.metric != 0 {
+            m.attributes.push(RouteAttribute::Priority(p.r.metric));
+        }
+        nl.request("add route", RouteNetlinkMessage::NewRoute(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)?;
+    }
+    log::info!("configured {} routes", parsed.len());
+    Ok(routes.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Configures `lo` in a private network namespace of a test thread (root only).
+    #[test]
+    fn configures_an_interface_and_routes_in_a_private_netns() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        let t = std::thread::spawn(|| {
+            // Namespaces are per thread: this one gets its own network namespace.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            let lo = Interface {
+                name: "lo".into(),
+                mac: "00:00:00:00:00:00".into(),
+                mtu: 1500,
+                addresses: vec![IpAddress { address: "10.1.2.3".into(), prefix_len: 24, ..Default::default() }],
+                ..Default::default()
+            };
+            update_interface(&lo).expect("UpdateInterface on lo");
+            let mut nl = Netlink::open().unwrap();
+            let idx = nl.index_of("lo").unwrap();
+            let addrs = nl.addresses(idx).unwrap();
+            assert!(addrs.iter().any(|a| a.header.prefix_len == 24
+                && a.attributes
+                    .iter()
+                    .any(|x| matches!(x, AddressAttribute::Address(ip) if ip.to_string() == "10.1.2.3"))));
+            let mtu = nl.links().unwrap().into_iter().find(|l| l.header.index == idx).unwrap();
+            assert!(mtu.attributes.iter().any(|a| matches!(a, LinkAttribute::Mtu(1500))));
+            assert!(mtu.header.flags.contains(LinkFlags::Up));
+            let routes = vec![
+                Route { destination: "".into(), gateway: "10.1.2.1".into(), device: "lo".into(), ..Default::default() },
+                Route { destination: "10.9.0.0/16".into(), device: "lo".into(), ..Default::default() },
+            ];
+            update_routes(&routes).expect("UpdateRoutes");
+            let missing = Interface { mac: "02:ff:ff:ff:ff:ff".into(), ..Default::default() };
+            assert!(matches!(update_interface(&missing), Err(NetworkError::NoSuchMac(_))));
+            let bad_dev = Route { destination: "10.8.0.0/16".into(), device: "nope0".into(), ..Default::default() };
+            assert!(matches!(update_routes(&[bad_dev]), Err(NetworkError::NoSuchDevice(_))));
+        });
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn macs_and_cidrs_parse() {
+        assert_eq!(parse_mac("02:00:0a:58:00:05").unwrap(), [2, 0, 10, 0x58, 0, 5]);
+        for bad in ["", "02:00", "02:00:0a:58:00:zz", "02:00:0a:58:00:005", "02-00-0a-58-00-05"] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cidr("").unwrap(), None);
+        assert_eq!(parse_cidr("10.88.0.0/16").unwrap(), Some(("10.88.0.0".parse().unwrap(), 16)));
+        assert_eq!(parse_cidr("10.88.0.1").unwrap(), Some(("10.88.0.1".parse().unwrap(), 32)));
+        assert_eq!(parse_cidr("fd00::/64").unwrap(), Some(("fd00::".parse().unwrap(), 64)));
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nope/8").is_err());
+    }
+
+    #[test]
+    fn interface_requests_are_checked_before_netlink() {
+        let mut i = Interface { name: "eth0".into(), mac: "02:00:00:00:00:01".into(), mtu: 10, ..Default::default() };
+        assert!(matches!(update_interface(&i), Err(NetworkError::Invalid(_))));
+        i.mtu = 1500;
+        i.name = "a/b".into();
+        assert!(matches!(update_interface(&i), Err(NetworkError::Invalid(_))));
+        i.name = "eth0".into();
+        i.addresses.push(IpAddress { address: "10.0.0.1".into(), prefix_len: 40, ..Default::default() });
+        assert!(matches!(update_interface(&i), Err(NetworkError::Invalid(_))));
+        let r = Route { destination: "10.0.0.0/8".into(), gateway: "x".into(), ..Default::default() };
+        assert!(matches!(update_routes(&[r]), Err(NetworkError::Invalid(_))));
+    }
+}

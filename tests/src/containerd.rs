@@ -1,0 +1,175 @@
+//! A private containerd for end-to-end tests, the demo and benchmarks: its own config,
+//! root, state and socket under a temporary directory, the wisp shim found on its PATH
+//! (containerd 1.6 ignores `runtime_path`), wisp configured through `WISP_CONFIG` to
+//! use the build's VMM, kernel and initrd, and runc as the peer runtime. It is stopped
+//! and its directory removed on drop.
+//!
+//! containerd 1.6 still uses fixed paths (/run/containerd/s, /run/containerd/fifo): run
+//! one at a time per (emulated) host.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::process::Watched;
+
+pub const NAMESPACE: &str = "wisp-test";
+
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Watched>,
+}
+
+/// Why containerd-based tests cannot run here, if they cannot.
+pub fn need_containerd() -> Option<String> {
+    for bin in ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/sbin/runc"] {
+        if !Path::new(bin).exists() {
+            return Some(format!("needs {bin} (Debian packages containerd and runc; run `make deps`)"));
+        }
+    }
+    None
+}
+
+/// The wisp config the tests use: the build's artifacts, small VMs.
+pub fn wisp_config(extra: &str) -> String {
+    format!(
+        "[hypervisor]\npath = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n\n[agent]\ndial_timeout_ms = 120000\ndial_attempt_timeout_ms = 2000\nrpc_timeout_ms = 60000\n\n{extra}",
+        crate::artifact("release/wisp-vmm").display(),
+        crate::artifact("guest/vmlinux").display(),
+        crate::artifact("guest/initrd.img").display(),
+    )
+}
+
+impl Containerd {
+    /// Starts containerd with `wisp_toml` as the wisp configuration (`[runtime]` etc.
+    /// may be appended by the caller through `wisp_config`) and the build's shim.
+    pub fn start(wisp_toml: &str) -> anyhow::Result<Self> {
+        Self::launch(Some(wisp_toml))
+    }
+
+    /// Starts containerd the way an installation runs: the shim from `PATH`, wisp's
+    /// configuration from `/etc/wisp/config.toml`.
+    pub fn start_installed() -> anyhow::Result<Self> {
+        Self::launch(None)
+    }
+
+    fn launch(wisp_toml: Option<&str>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("wisp-containerd-").tempdir()?;
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        std::fs::create_dir_all(d.join("cni"))?;
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+oom_score = 0
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wisp]
+      runtime_type = "io.containerd.wisp.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = socket.display(),
+            cni = d.join("cni").display(),
+        );
+        std::fs::write(d.join("config.toml"), config)?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(d.join("config.toml"));
+        if let Some(toml) = wisp_toml {
+            std::fs::write(d.join("wisp.toml"), toml)?;
+            let shim_dir = crate::artifact("release");
+            let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
+            cmd.env("PATH", path).env("WISP_CONFIG", d.join("wisp.toml"));
+        } else {
+            cmd.env_remove("WISP_CONFIG");
+        }
+        let child = Watched::spawn("containerd", &mut cmd)?;
+        let me = Self { dir, socket, child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if me.ctr(&["version"]).output().is_ok_and(|o| o.status.success()) {
+                return Ok(me);
+            }
+            if Instant::now() > deadline {
+                bail!("containerd did not come up within 60 s; its output:\n{}", me.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// containerd's own output so far (shim logs included).
+    pub fn log(&self) -> String {
+        self.child.as_ref().map(|c| c.output()).unwrap_or_default()
+    }
+
+    /// A `ctr` command against this containerd, in the test namespace.
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&self.socket).arg("--namespace").arg(NAMESPACE).args(args);
+        c
+    }
+
+    /// Runs `ctr args` and returns its output (stdout, stderr, status).
+    pub fn ctr_output(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.ctr(args).stdin(std::process::Stdio::null()).output().context("running ctr")
+    }
+
+    /// Builds and imports the busybox test image; returns its name.
+    pub fn import_busybox(&self) -> anyhow::Result<String> {
+        let archive = self.dir.path().join("busybox.tar");
+        crate::image::build_busybox_image(&archive, crate::image::BUSYBOX_IMAGE)?;
+        let out = self.ctr_output(&["images", "import", &archive.display().to_string()])?;
+        if !out.status.success() {
+            bail!("ctr images import failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(crate::image::BUSYBOX_IMAGE.to_string())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            c.signal(libc::SIGTERM);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait_exit(Duration::from_secs(20));
+        }
+        // Snapshot mounts may remain if a test failed halfway: detach them before the
+        // temporary directory goes.
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let root = self.dir.path().to_path_buf();
+            let mut mounts: Vec<&str> = info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| Path::new(m).starts_with(&root)).collect();
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mounts {
+                let _ = nix_umount(m);
+            }
+        }
+    }
+}
+
+fn nix_umount(path: &str) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path)?;
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

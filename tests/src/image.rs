@@ -1,0 +1,141 @@
+//! A small OCI image built locally from the host's static busybox, so tests, the demo
+//! and benchmarks need no registry. The build is reproducible (fixed timestamps and
+//! owners, sorted entries): the same busybox gives the same image digest.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+
+/// The name the image is imported under.
+pub const BUSYBOX_IMAGE: &str = "docker.io/library/busybox:wisp";
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn header(path: &str, size: u64, mode: u32, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    let _ = h.set_path(path);
+    h
+}
+
+/// Tars `root` with fixed metadata; entries sorted so the bytes are reproducible.
+fn layer_tar(root: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut paths = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if std::fs::symlink_metadata(&p)?.is_dir() {
+                stack.push(p.clone());
+            }
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    let mut b = tar::Builder::new(Vec::new());
+    for p in paths {
+        let rel = p.strip_prefix(root)?.to_string_lossy().into_owned();
+        let meta = std::fs::symlink_metadata(&p)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            let mut h = header(&rel, 0, 0o777, tar::EntryType::Symlink);
+            h.set_link_name(std::fs::read_link(&p)?)?;
+            h.set_cksum();
+            b.append(&h, std::io::empty())?;
+        } else if meta.is_dir() {
+            let mut h = header(&format!("{rel}/"), 0, mode, tar::EntryType::Directory);
+            h.set_cksum();
+            b.append(&h, std::io::empty())?;
+        } else {
+            let data = std::fs::read(&p)?;
+            let mut h = header(&rel, data.len() as u64, mode, tar::EntryType::Regular);
+            h.set_cksum();
+            b.append(&h, data.as_slice())?;
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+/// Writes an OCI image archive (`ctr images import` format) of a busybox rootfs to
+/// `out`, tagged `name`. Returns the manifest digest.
+pub fn build_busybox_image(out: &Path, name: &str) -> anyhow::Result<String> {
+    let rootfs = crate::rootfs::busybox_rootfs()?;
+    let tar = layer_tar(rootfs.path()).context("packing the busybox layer")?;
+    let diff_id = sha256_hex(&tar);
+    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar)?;
+    let layer = gz.finish()?;
+    let layer_digest = sha256_hex(&layer);
+
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["sh"]
+        },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] }
+    }))?;
+    let config_digest = sha256_hex(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_digest}"), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{layer_digest}"), "size": layer.len() }]
+    }))?;
+    let manifest_digest = sha256_hex(&manifest);
+    let tag = name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "annotations": { "io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag }
+        }]
+    }))?;
+
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| -> anyhow::Result<()> {
+        let mut h = header(path, data.len() as u64, 0o644, tar::EntryType::Regular);
+        h.set_cksum();
+        archive.append(&h, data)?;
+        Ok(())
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    add("index.json", &index)?;
+    add(&format!("blobs/sha256/{config_digest}"), &config)?;
+    add(&format!("blobs/sha256/{layer_digest}"), &layer)?;
+    add(&format!("blobs/sha256/{manifest_digest}"), &manifest)?;
+    let bytes = archive.into_inner()?;
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    Ok(format!("sha256:{manifest_digest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_is_reproducible() {
+        if crate::rootfs::need_busybox().is_some() {
+            eprintln!("skipped: no static busybox");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let a = build_busybox_image(&d.path().join("a.tar"), BUSYBOX_IMAGE).unwrap();
+        let b = build_busybox_image(&d.path().join("b.tar"), BUSYBOX_IMAGE).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read(d.path().join("a.tar")).unwrap(), std::fs::read(d.path().join("b.tar")).unwrap());
+    }
+}

@@ -1,0 +1,258 @@
+//! containerd + `ctr` end to end, with the real shim, VMM, guest kernel and agent (in
+//! the emulated KVM host). Each case runs containers the way a user of ctr would and
+//! checks what they see, then that nothing is left behind.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
+use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
+use wisp_tests::{artifact, ensure_that, skip_unless};
+
+const RUNTIME: &str = "io.containerd.wisp.v2";
+
+fn need_artifacts() -> Option<String> {
+    for p in ["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"] {
+        if !artifact(p).exists() {
+            return Some(format!("{} is missing: run `make build guest` first", artifact(p).display()));
+        }
+    }
+    None
+}
+
+macro_rules! skip_unless_ready {
+    () => {
+        skip_unless!(need_root(), need_containerd(), need_artifacts(), need_full_kvm())
+    };
+}
+
+struct Env {
+    c: Containerd,
+    image: String,
+}
+
+fn env() -> anyhow::Result<Env> {
+    env_with(&wisp_config(""))
+}
+
+fn env_with(config: &str) -> anyhow::Result<Env> {
+    let c = Containerd::start(config)?;
+    let image = c.import_busybox()?;
+    Ok(Env { c, image })
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Env {
+    /// `ctr run --rm --runtime wisp [flags] IMAGE ID ARGS...`, optional stdin.
+    fn run(&self, id: &str, flags: &[&str], args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Run> {
+        let mut a: Vec<&str> = vec!["run", "--rm", "--runtime", RUNTIME];
+        a.extend_from_slice(flags);
+        if stdin.is_some() {
+            a.push("-i");
+        }
+        a.push(&self.image);
+        a.push(id);
+        a.extend_from_slice(args);
+        let mut cmd = self.c.ctr(&a);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("ctr run")?;
+        if let (Some(data), Some(mut s)) = (stdin, child.stdin.take()) {
+            s.write_all(data)?;
+        }
+        let out = child.wait_with_output()?;
+        Ok(Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.c.ctr_output(args)?;
+        if !out.status.success() {
+            bail!("ctr {args:?} failed: {}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), tail(&self.c.log()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Nothing of wisp left: no VMM process, no sandbox dirs, no mounts under /run/wisp.
+    fn assert_clean(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vmms = Command::new("pgrep").args(["-x", "wisp-vmm"]).output()?.stdout;
+            let dirs: Vec<_> = std::fs::read_dir("/run/wisp").map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo")?.lines().filter(|l| l.contains("/run/wisp/")).count();
+            if vmms.is_empty() && dirs.is_empty() && mounts == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("left behind: wisp-vmm pids {:?}, dirs {dirs:?}, {mounts} mounts", String::from_utf8_lossy(&vmms));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn check(r: &Run, want_code: i32, what: &str) -> anyhow::Result<()> {
+    ensure_that!(r.code == want_code, "{what}: exit {} (want {want_code}); stdout:\n{}\nstderr:\n{}", r.code, r.stdout, r.stderr);
+    Ok(())
+}
+
+fn guest_kernel_differs_from_host() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    let r = e.run("uname", &[], &["uname", "-r"], None)?;
+    check(&r, 0, "uname -r")?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    ensure_that!(!r.stdout.trim().is_empty() && r.stdout.trim() != host.trim(), "guest kernel {:?} vs host {:?}", r.stdout.trim(), host.trim());
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn exit_codes_env_cwd_and_stdin() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    check(&e.run("exit7", &[], &["sh", "-c", "exit 7"], None)?, 7, "exit 7")?;
+    let r = e.run("envcwd", &["--env", "WISP_TEST=hello", "--cwd", "/tmp"], &["sh", "-c", "echo $WISP_TEST $(pwd)"], None)?;
+    check(&r, 0, "env/cwd")?;
+    ensure_that!(r.stdout.trim() == "hello /tmp", "env/cwd printed {:?}", r.stdout);
+    let r = e.run("stdin", &[], &["sh", "-c", "wc -c; echo done"], Some(&vec![b'x'; 100_000]))?;
+    check(&r, 0, "stdin")?;
+    ensure_that!(r.stdout.split_whitespace().collect::<Vec<_>>() == ["100000", "done"], "stdin: {:?}", r.stdout);
+    let r = e.run("stderr", &[], &["sh", "-c", "echo to-err >&2; echo to-out"], None)?;
+    ensure_that!(r.stdout.trim() == "to-out" && r.stderr.contains("to-err"), "streams mixed: {:?} / {:?}", r.stdout, r.stderr);
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn large_output_arrives_complete() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    let r = e.run("seq", &[], &["seq", "1", "200000"], None)?;
+    check(&r, 0, "seq")?;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    ensure_that!(lines.len() == 200_000, "got {} lines", lines.len());
+    ensure_that!(lines.first() == Some(&"1") && lines.last() == Some(&"200000"), "first/last {:?} {:?}", lines.first(), lines.last());
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn read_only_rootfs() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    let r = e.run("ro", &["--read-only"], &["sh", "-c", "touch /x && echo WROTE || echo REFUSED"], None)?;
+    ensure_that!(r.stdout.contains("REFUSED"), "write to a read-only rootfs: {:?} {:?}", r.stdout, r.stderr);
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn tty() -> CaseResult {
+    skip_unless_ready!();
+    if Command::new("script").arg("--version").output().is_err() {
+        return Ok(Outcome::Skipped("needs script(1) from util-linux for a pty".into()));
+    }
+    let e = env()?;
+    let ctr = format!(
+        "ctr --address {} --namespace {} run --rm -t --runtime {RUNTIME} {} tty1 sh -c 'tty; stty size'",
+        e.c.socket.display(),
+        wisp_tests::containerd::NAMESPACE,
+        e.image
+    );
+    let out = Command::new("script").args(["-qec", &ctr, "/dev/null"]).stdin(Stdio::null()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure_that!(text.contains("/dev/pts/"), "no pty in the container: {text:?}");
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn exec_kill_pause_metrics() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    e.ok(&["run", "-d", "--runtime", RUNTIME, &e.image, "long", "sleep", "600"])?;
+    let out = e.c.ctr_output(&["task", "exec", "--exec-id", "e1", "long", "sh", "-c", "echo in-exec; exit 3"])?;
+    ensure_that!(out.status.code() == Some(3), "exec exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    ensure_that!(String::from_utf8_lossy(&out.stdout).contains("in-exec"), "exec output missing");
+    let out = e.c.ctr_output(&["task", "exec", "--exec-id", "e2", "--user", "1000", "long", "id", "-u"])?;
+    ensure_that!(String::from_utf8_lossy(&out.stdout).trim() == "1000", "exec --user 1000: {:?}", String::from_utf8_lossy(&out.stdout));
+    let ps = e.ok(&["task", "ps", "long"])?;
+    ensure_that!(ps.lines().count() >= 2, "task ps: {ps}");
+    let metrics = e.ok(&["task", "metrics", "long"])?;
+    ensure_that!(metrics.contains("memory") || metrics.contains("Memory"), "metrics: {metrics}");
+    e.ok(&["task", "pause", "long"])?;
+    ensure_that!(e.ok(&["task", "ls"])?.contains("PAUSED"), "not paused");
+    e.ok(&["task", "resume", "long"])?;
+    ensure_that!(e.ok(&["task", "ls"])?.contains("RUNNING"), "not running after resume");
+    e.ok(&["task", "kill", "-s", "SIGKILL", "long"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !e.ok(&["task", "ls"])?.contains("STOPPED") {
+        ensure_that!(Instant::now() < deadline, "task never stopped after SIGKILL");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    e.ok(&["task", "delete", "long"])?;
+    e.ok(&["container", "delete", "long"])?;
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn killed_vmm_stops_the_task_and_cleans_up() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    e.ok(&["run", "-d", "--runtime", RUNTIME, &e.image, "victim", "sleep", "600"])?;
+    let status = Command::new("pkill").args(["-KILL", "-x", "wisp-vmm"]).status()?;
+    ensure_that!(status.success(), "no wisp-vmm to kill");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = e.ok(&["task", "ls"])?;
+        if ls.contains("STOPPED") {
+            break;
+        }
+        ensure_that!(Instant::now() < deadline, "task not STOPPED after its VMM died: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    e.ok(&["task", "delete", "victim"])?;
+    e.ok(&["container", "delete", "victim"])?;
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn bad_config_and_refused_annotation_fail_clearly() -> CaseResult {
+    skip_unless_ready!();
+    let e = env_with(&wisp_config("[runtime]\nenable_annotations = [\"hypervisor.memory_mib\"]\n"))?;
+    let r = e.run("ann", &["--annotation", "io.wisp.config.hypervisor.vcpus=2"], &["true"], None)?;
+    ensure_that!(r.code != 0 && r.stderr.contains("hypervisor.vcpus"), "refused annotation: exit {} {:?}", r.code, r.stderr);
+    let r = e.run("ann2", &["--annotation", "io.wisp.config.hypervisor.memory_mib=lots"], &["true"], None)?;
+    ensure_that!(r.code != 0 && r.stderr.contains("memory_mib"), "bad annotation value: exit {} {:?}", r.code, r.stderr);
+    let bad = e.c.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[hypervisor]\nvcpu = 2\n")?;
+    let r = e.run("badcfg", &["--runtime-config-path", &bad.display().to_string()], &["true"], None)?;
+    ensure_that!(r.code != 0 && r.stderr.contains("hypervisor.vcpu"), "bad config file: exit {} {:?}", r.code, r.stderr);
+    let r = e.run("annok", &["--annotation", "io.wisp.config.hypervisor.memory_mib=192"], &["sh", "-c", "grep MemTotal /proc/meminfo"], None)?;
+    check(&r, 0, "allowed annotation")?;
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
+fn main() {
+    Suite::new("ctr")
+        .case("guest_kernel_differs_from_host", guest_kernel_differs_from_host)
+        .case("exit_codes_env_cwd_and_stdin", exit_codes_env_cwd_and_stdin)
+        .case("large_output_arrives_complete", large_output_arrives_complete)
+        .case("read_only_rootfs", read_only_rootfs)
+        .case("tty", tty)
+        .case("exec_kill_pause_metrics", exec_kill_pause_metrics)
+        .case("killed_vmm_stops_the_task_and_cleans_up", killed_vmm_stops_the_task_and_cleans_up)
+        .case("bad_config_and_refused_annotation_fail_clearly", bad_config_and_refused_annotation_fail_clearly)
+        .run()
+}

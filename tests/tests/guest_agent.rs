@@ -1,0 +1,80 @@
+//! wisp-agent as PID 1 in a real guest (emulated KVM host): it leaves the initramfs,
+//! mounts what containers need, answers the health check over hybrid vsock, reports
+//! the guest, and DestroySandbox ends the VM cleanly.
+
+use std::os::fd::IntoRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use wisp_protocols::agent::{CheckRequest, Empty};
+use wisp_protocols::agent_ttrpc::AgentClient;
+use wisp_protocols::{hybrid_vsock, AGENT_API_VERSION, AGENT_TTRPC_PORT};
+use wisp_tests::harness::{need_full_kvm, CaseResult, Outcome, Suite};
+use wisp_tests::process::Watched;
+use wisp_tests::{artifact, ensure_that, skip_unless};
+
+fn need_artifacts() -> Option<String> {
+    for p in ["release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"] {
+        if !artifact(p).exists() {
+            return Some(format!("{} is missing: run `make build guest` first", artifact(p).display()));
+        }
+    }
+    None
+}
+
+fn boot(dir: &std::path::Path) -> anyhow::Result<(Watched, PathBuf)> {
+    let uds = dir.join("vsock.sock");
+    let mut c = Command::new(artifact("release/wisp-vmm"));
+    c.arg("--kernel").arg(artifact("guest/vmlinux")).arg("--initrd").arg(artifact("guest/initrd.img"));
+    c.args(["--memory-mib", "256", "--console", "stdout", "--log-level", "info"]).arg("--vsock-uds").arg(&uds);
+    Ok((Watched::spawn("wisp-vmm", &mut c)?, uds))
+}
+
+fn agent_answers_and_destroy_ends_the_vm() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm());
+    let dir = tempfile::tempdir()?;
+    let (mut vm, uds) = boot(dir.path())?;
+    let stream = hybrid_vsock::dial(&uds, AGENT_TTRPC_PORT, Duration::from_secs(2), Duration::from_secs(120))
+        .map_err(|e| anyhow::anyhow!("{e}; VMM output:\n{}", vm.output()))?;
+    let client = AgentClient::new(ttrpc::Client::new(stream.into_raw_fd())?);
+    let ctx = || ttrpc::context::with_timeout(20_000_000_000);
+    let check = client.check(ctx(), &CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() })?;
+    ensure_that!(check.api_version == AGENT_API_VERSION && !check.agent_version.is_empty(), "check: {check:?}");
+    let d = client.guest_details(ctx(), &Empty::new())?;
+    ensure_that!(d.kernel_release.starts_with("6.12"), "guest kernel {:?}", d.kernel_release);
+    ensure_that!(d.cpus == 1 && d.mem_total_bytes > 128 << 20, "guest details {d:?}");
+    for want in ["cpu", "memory", "pids"] {
+        ensure_that!(d.cgroup_controllers.iter().any(|c| c == want), "cgroup controller {want} missing: {:?}", d.cgroup_controllers);
+    }
+    println!("agent {} rss {} KiB, guest {} MiB", check.agent_version, d.agent_rss_bytes / 1024, d.mem_total_bytes >> 20);
+    client.destroy_sandbox(ctx(), &Empty::new())?;
+    let status = vm.wait_exit(Duration::from_secs(60))?;
+    ensure_that!(status.success(), "VMM exited with {status} after DestroySandbox; output:\n{}", vm.output());
+    Ok(Outcome::Passed)
+}
+
+fn a_mismatched_api_version_is_reported() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm());
+    let dir = tempfile::tempdir()?;
+    let (_vm, uds) = boot(dir.path())?;
+    let stream = hybrid_vsock::dial(&uds, AGENT_TTRPC_PORT, Duration::from_secs(2), Duration::from_secs(120))?;
+    let client = AgentClient::new(ttrpc::Client::new(stream.into_raw_fd())?);
+    let ctx = || ttrpc::context::with_timeout(20_000_000_000);
+    // The agent answers with its own version; the caller decides. It must not crash.
+    let resp = client.check(ctx(), &CheckRequest { api_version: AGENT_API_VERSION + 99, ..Default::default() });
+    match resp {
+        Ok(r) => ensure_that!(r.api_version == AGENT_API_VERSION, "agent claims version {}", r.api_version),
+        Err(e) => ensure_that!(e.to_string().contains("version"), "unclear error: {e}"),
+    }
+    let again = client.check(ctx(), &CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() })?;
+    ensure_that!(again.api_version == AGENT_API_VERSION, "agent did not survive");
+    Ok(Outcome::Passed)
+}
+
+fn main() {
+    Suite::new("guest_agent")
+        .case("agent_answers_and_destroy_ends_the_vm", agent_answers_and_destroy_ends_the_vm)
+        .case("a_mismatched_api_version_is_reported", a_mismatched_api_version_is_reported)
+        .run()
+}

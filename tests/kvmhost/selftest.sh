@@ -3,6 +3,9 @@
 # Prints one line per check and, last, "N passed, N failed"; exits non-zero on
 # any failure. Takes about a minute with a warm cache (the first run of run
 # builds the cache: kernel download and initramfs).
+# The whole script is one brace group: bash parses it completely before running
+# it, so editing this file cannot derail a run that is in progress.
+{
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -121,3 +124,5 @@ check "6 cgroup2, /dev/pts, lo, hostname, modules, tmpfs mounts" t_setup
 
 echo "$passed passed, $failed failed"
 ((failed == 0))
+exit
+}

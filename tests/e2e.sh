@@ -3,7 +3,8 @@
 # run inside the emulated KVM host (tests/kvmhost/run) unless this machine has
 # hardware-style KVM (vmx/svm), where they run directly.
 #
-#   tests/e2e.sh [SUITE...]        default: every suite listed below
+#   tests/e2e.sh [SUITE...] [-- FILTER...]   default: every suite listed below;
+#                                            FILTERs select cases by substring
 # Ends with one line: "e2e: N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +14,11 @@ ALL_SUITES=(vmm_boot guest_agent ctr)
 if [ "${1:-}" = "--inside" ]; then
     shift
     passed=0 failed=0 skipped=0 broken=0
+    read -r -a filters <<<"${WISP_E2E_FILTER:-}"
     for bin in "$@"; do
         log=$(mktemp)
         set +e
-        "$bin" 2>&1 | tee "$log"
+        "$bin" "${filters[@]}" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e
         line=$(grep -E '^[a-z_]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1 || true)
@@ -37,7 +39,10 @@ if [ "${1:-}" = "--inside" ]; then
     exit
 fi
 
-suites=("$@")
+suites=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do suites+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+export WISP_E2E_FILTER="$*"
 [ ${#suites[@]} -gt 0 ] || suites=("${ALL_SUITES[@]}")
 args=()
 for s in "${suites[@]}"; do args+=(--test "$s"); done

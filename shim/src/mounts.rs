@@ -45,10 +45,7 @@ impl ContainerMounts {
             bind(bundle_rootfs, &target, false).map_err(|reason| MountError::Rootfs { target: t.clone(), reason })?;
         } else {
             for m in rootfs {
-                let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
-                let source = (!m.source.is_empty()).then_some(m.source.as_str());
-                containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target)
-                    .map_err(|e| MountError::Rootfs { target: t.clone(), reason: e.to_string() })?;
+                mount_one(m, &target).map_err(|reason| MountError::Rootfs { target: t.clone(), reason })?;
             }
         }
         self.mounted.push(target);
@@ -101,6 +98,56 @@ impl Drop for ContainerMounts {
     }
 }
 
+/// Splits containerd mount options into mount(2) flags and the data string.
+fn parse_options(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" | "defaults" => (MsFlags::empty(), MsFlags::empty()),
+            other => {
+                data.push(other.to_string());
+                (MsFlags::empty(), MsFlags::empty())
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    (flags, data.join(","))
+}
+
+/// One of containerd's rootfs mounts (overlay snapshot, or a bind for native
+/// snapshots), done in this process: no fork, so no reaper is involved.
+fn mount_one(m: &Mount, target: &Path) -> Result<(), String> {
+    let (flags, data) = parse_options(&m.options);
+    if data.len() >= 4096 {
+        return Err(format!("mount options of {} bytes exceed a page; too many image layers", data.len()));
+    }
+    let fs_type = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
+    let source = (!m.source.is_empty()).then_some(m.source.as_str());
+    let data = (!data.is_empty()).then_some(data.as_str());
+    let base = flags & !MsFlags::MS_RDONLY;
+    let is_bind = flags.contains(MsFlags::MS_BIND);
+    mount(source, target, fs_type, if is_bind { base } else { flags }, data).map_err(|e| format!("{} mount of {:?}: {e}", m.type_, m.source))?;
+    if is_bind && flags.contains(MsFlags::MS_RDONLY) {
+        mount(None::<&str>, target, None::<&str>, base | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>)
+            .map_err(|e| format!("read-only remount of {}: {e}", target.display()))?;
+    }
+    Ok(())
+}
+
 fn mkdir(p: &Path) -> Result<(), MountError> {
     std::fs::create_dir_all(p).map_err(|source| MountError::Create { path: p.display().to_string(), source })
 }
@@ -145,6 +192,19 @@ fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let o = |v: &[&str]| parse_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (f, d) = o(&["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/l1:/l2"]);
+        assert!(f.is_empty());
+        assert_eq!(d, "index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2");
+        let (f, d) = o(&["rbind", "ro", "nosuid"]);
+        assert_eq!(f, MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        assert!(d.is_empty());
+        let (f, _) = o(&["ro", "rw"]);
+        assert!(!f.contains(MsFlags::MS_RDONLY));
+    }
 
     #[test]
     fn removes_plain_trees() {

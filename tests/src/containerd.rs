@@ -16,6 +16,8 @@ use anyhow::{bail, Context};
 use crate::process::Watched;
 
 pub const NAMESPACE: &str = "wisp-test";
+/// The longest any single ctr command may take in tests (VM boots are slow under TCG).
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -71,7 +73,7 @@ oom_score = 0
 [ttrpc]
   address = "{sock}.ttrpc"
 [debug]
-  level = "info"
+  level = "debug"
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -104,8 +106,11 @@ oom_score = 0
         let child = Watched::spawn("containerd", &mut cmd)?;
         let me = Self { dir, socket, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(60);
+        eprintln!("containerd: starting in {}", me.dir.path().display());
         loop {
-            if me.ctr(&["version"]).output().is_ok_and(|o| o.status.success()) {
+            let probe = crate::process::output_within(&mut me.ctr(&["version"]), None, Duration::from_secs(10));
+            if probe.is_ok_and(|o| o.status.success()) {
+                eprintln!("containerd: up");
                 return Ok(me);
             }
             if Instant::now() > deadline {
@@ -127,13 +132,36 @@ oom_score = 0
         c
     }
 
-    /// Runs `ctr args` and returns its output (stdout, stderr, status).
+    /// Runs `ctr args` (at most `CTR_TIMEOUT`) and returns its output.
     pub fn ctr_output(&self, args: &[&str]) -> anyhow::Result<Output> {
-        self.ctr(args).stdin(std::process::Stdio::null()).output().context("running ctr")
+        self.ctr_with(args, None)
+    }
+
+    /// Runs `ctr args` with `stdin` (at most `CTR_TIMEOUT`); on a timeout the error
+    /// carries containerd's log (shim logs included) and the guest consoles.
+    pub fn ctr_with(&self, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
+        eprintln!("+ ctr {}", args.join(" "));
+        crate::process::output_within(&mut self.ctr(args), stdin, CTR_TIMEOUT)
+            .with_context(|| format!("ctr {args:?}\n{}", self.diagnostics()))
+    }
+
+    /// The tail of containerd's log and of every guest console under /run/wisp.
+    pub fn diagnostics(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let mut out = format!("--- containerd log (last 60 lines) ---\n{}\n", lines[lines.len().saturating_sub(60)..].join("\n"));
+        for e in std::fs::read_dir("/run/wisp").into_iter().flatten().flatten() {
+            if let Ok(c) = std::fs::read_to_string(e.path().join("console.log")) {
+                let l: Vec<&str> = c.lines().collect();
+                out += &format!("--- guest console {} (last 30 lines) ---\n{}\n", e.path().display(), l[l.len().saturating_sub(30)..].join("\n"));
+            }
+        }
+        out
     }
 
     /// Builds and imports the busybox test image; returns its name.
     pub fn import_busybox(&self) -> anyhow::Result<String> {
+        eprintln!("containerd: importing {}", crate::image::BUSYBOX_IMAGE);
         let archive = self.dir.path().join("busybox.tar");
         crate::image::build_busybox_image(&archive, crate::image::BUSYBOX_IMAGE)?;
         let out = self.ctr_output(&["images", "import", &archive.display().to_string()])?;

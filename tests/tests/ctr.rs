@@ -2,11 +2,10 @@
 //! the emulated KVM host). Each case runs containers the way a user of ctr would and
 //! checks what they see, then that nothing is left behind.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::{artifact, ensure_that, skip_unless};
@@ -33,8 +32,11 @@ struct Env {
     image: String,
 }
 
+/// Guest consoles go to /run/wisp/<sid>/console.log (shown when a case fails).
+const DEBUG: &str = "[runtime]\ndebug = true\n";
+
 fn env() -> anyhow::Result<Env> {
-    env_with(&wisp_config(""))
+    env_with(&wisp_config(DEBUG))
 }
 
 fn env_with(config: &str) -> anyhow::Result<Env> {
@@ -60,13 +62,7 @@ impl Env {
         a.push(&self.image);
         a.push(id);
         a.extend_from_slice(args);
-        let mut cmd = self.c.ctr(&a);
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("ctr run")?;
-        if let (Some(data), Some(mut s)) = (stdin, child.stdin.take()) {
-            s.write_all(data)?;
-        }
-        let out = child.wait_with_output()?;
+        let out = self.c.ctr_with(&a, stdin)?;
         Ok(Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -77,7 +73,7 @@ impl Env {
     fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.c.ctr_output(args)?;
         if !out.status.success() {
-            bail!("ctr {args:?} failed: {}\ncontainerd log:\n{}", String::from_utf8_lossy(&out.stderr), tail(&self.c.log()));
+            bail!("ctr {args:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.c.diagnostics());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -106,7 +102,7 @@ fn tail(s: &str) -> String {
 }
 
 fn check(r: &Run, want_code: i32, what: &str) -> anyhow::Result<()> {
-    ensure_that!(r.code == want_code, "{what}: exit {} (want {want_code}); stdout:\n{}\nstderr:\n{}", r.code, r.stdout, r.stderr);
+    ensure_that!(r.code == want_code, "{what}: exit {} (want {want_code}); stdout:\n{}\nstderr:\n{}", r.code, tail(&r.stdout), r.stderr);
     Ok(())
 }
 
@@ -170,7 +166,7 @@ fn tty() -> CaseResult {
         wisp_tests::containerd::NAMESPACE,
         e.image
     );
-    let out = Command::new("script").args(["-qec", &ctr, "/dev/null"]).stdin(Stdio::null()).output()?;
+    let out = wisp_tests::process::output_within(Command::new("script").args(["-qec", &ctr, "/dev/null"]), None, Duration::from_secs(300))?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure_that!(text.contains("/dev/pts/"), "no pty in the container: {text:?}");
     e.assert_clean()?;
@@ -229,7 +225,7 @@ fn killed_vmm_stops_the_task_and_cleans_up() -> CaseResult {
 
 fn bad_config_and_refused_annotation_fail_clearly() -> CaseResult {
     skip_unless_ready!();
-    let e = env_with(&wisp_config("[runtime]\nenable_annotations = [\"hypervisor.memory_mib\"]\n"))?;
+    let e = env_with(&wisp_config("[runtime]\ndebug = true\nenable_annotations = [\"hypervisor.memory_mib\"]\n"))?;
     let r = e.run("ann", &["--annotation", "io.wisp.config.hypervisor.vcpus=2"], &["true"], None)?;
     ensure_that!(r.code != 0 && r.stderr.contains("hypervisor.vcpus"), "refused annotation: exit {} {:?}", r.code, r.stderr);
     let r = e.run("ann2", &["--annotation", "io.wisp.config.hypervisor.memory_mib=lots"], &["true"], None)?;

@@ -79,12 +79,13 @@ unit:
 	$(CARGO) test --workspace
 
 e2e: build guest
+	tests/kvmhost/selftest.sh
 	tests/e2e.sh
 
 # wisp vs a peer in the same run (median of WISP_BENCH_N runs, default 5, interleaved), in the
 # emulated KVM host; the table goes to target/bench/report.md and report.json.
-bench:
-	@echo "bench: not implemented yet (issue: benchmarks)" >&2; exit 1
+bench: build guest
+	tests/bench.sh
 
 # The README's first command: install, then a container in a wisp micro-VM.
 demo: build guest install

@@ -263,11 +263,11 @@ mod tests {
         let e = config
             .apply_annotations(&annotations(&[
                 ("io.wisp.config.hypervisor.vcpus", "2"),
-                ("io.wisp.config.agent.dial_attempt_timeout_ms", "20000"),
+                ("io.wisp.config.agent.dial_attempt_timeout_ms", "40000"),
             ]))
             .expect_err("attempt longer than the overall deadline");
         assert!(e.to_string().starts_with(
-            "annotation io.wisp.config.agent.dial_attempt_timeout_ms: agent.dial_attempt_timeout_ms = 20000"),
+            "annotation io.wisp.config.agent.dial_attempt_timeout_ms: agent.dial_attempt_timeout_ms = 40000"),
             "{e}");
 
         assert_eq!(

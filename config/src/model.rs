@@ -110,7 +110,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            dial_timeout_ms: 10_000,
+            dial_timeout_ms: 30_000,
             dial_attempt_timeout_ms: 500,
             rpc_timeout_ms: 30_000,
         }

@@ -154,10 +154,10 @@ mod tests {
         assert_eq!(c.hypervisor.vcpus, 1);
         assert_eq!(c.hypervisor.memory_mib, 256);
         assert_eq!(c.hypervisor.memory_bytes(), 256 << 20);
-        assert_eq!(c.agent.dial_timeout_ms, 10_000);
+        assert_eq!(c.agent.dial_timeout_ms, 30_000);
         assert_eq!(c.agent.dial_attempt_timeout_ms, 500);
         assert_eq!(c.agent.rpc_timeout_ms, 30_000);
-        assert_eq!(c.agent.dial_timeout(), std::time::Duration::from_secs(10));
+        assert_eq!(c.agent.dial_timeout(), std::time::Duration::from_secs(30));
         assert!(!c.runtime.debug);
         assert_eq!(c.runtime.state_dir.to_str(), Some("/run/wisp"));
         assert!(c.runtime.enable_annotations.is_empty());

@@ -1,6 +1,7 @@
 //! wisp's integration and end-to-end tests: the test runner (`harness`), helpers to
 //! find the built artifacts, and the tests themselves under `tests/`.
 
+pub mod bench;
 pub mod containerd;
 pub mod harness;
 pub mod image;

@@ -56,9 +56,7 @@ impl Env {
     fn run(&self, id: &str, flags: &[&str], args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Run> {
         let mut a: Vec<&str> = vec!["run", "--rm", "--runtime", RUNTIME];
         a.extend_from_slice(flags);
-        if stdin.is_some() {
-            a.push("-i");
-        }
+        // ctr 1.6 always attaches its stdin to the task (there is no -i).
         a.push(&self.image);
         a.push(id);
         a.extend_from_slice(args);

@@ -1,6 +1,8 @@
 //! wisp-vmm end to end: real guest kernel boots (emulated KVM host or hardware KVM),
-//! vCPUs, console, reboot, virtio-blk, virtio-vsock in both directions, the control
-//! API, and clean exits. Run through `make e2e` (inside `tests/kvmhost/run`).
+//! vCPUs, console, reboot, virtio-blk, virtio-vsock in both directions, virtio-fs
+//! (sharing both ways, host changes, read-only, confinement to the share, 256 MiB files,
+//! dd throughput per cache mode), the control API, and clean exits. Run through
+//! `make e2e` (inside `tests/kvmhost/run`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use wisp_protocols::hybrid_vsock;
-use wisp_tests::harness::{need_full_kvm, need_kvm, CaseResult, Outcome, Suite};
+use wisp_tests::harness::{need_full_kvm, need_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::pattern::{first_mismatch, pattern};
 use wisp_tests::process::Watched;
 use wisp_tests::{artifact, ensure_that, skip_unless};
@@ -291,6 +293,239 @@ fn sigterm_ends_the_vm_and_removes_sockets() -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// wisp-vmm sharing `dir` under `tag` (`opts` appended: `,ro`, `,cache=never`); the guest
+/// mounts it at /mnt and runs `guest_cmd` (no double quotes: it goes on the kernel
+/// command line).
+fn virtiofs_cmd(tag: &str, dir: &Path, opts: &str, guest_cmd: &str) -> Command {
+    let mut c = vmm_cmd(&format!("mount -t virtiofs {tag} /mnt && echo MOUNTED-$((6*7)) && {guest_cmd}"));
+    c.arg("--shared-dir").arg(format!("{tag}={}{opts}", dir.display()));
+    c
+}
+
+/// What the guest printed: the console output after its init started (the kernel echoes
+/// the command line, markers included, before that).
+fn guest_part(out: &str) -> &str {
+    out.split_once("WISP-TEST-INIT-STARTED").map_or("", |(_, guest)| guest)
+}
+
+fn virtiofs_shares_files_both_ways_and_sees_host_changes() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm());
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("hello.txt"), "hello from the host\n")?;
+    // The guest polls (up to 20 s) for the changes the host makes once it sees GUEST-WROTE-42.
+    let guest =
+        "cat /mnt/hello.txt && echo guest-wrote > /mnt/from-guest && mkdir /mnt/gdir && echo GUEST-WROTE-$((6*7)); \
+         i=0; until grep -q changed /mnt/hello.txt && [ -e /mnt/gdir/from-host ]; do \
+         i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.2; done; echo SEEN-AFTER-TRIES=$i; \
+         cat /mnt/hello.txt /mnt/gdir/from-host; busybox umount /mnt && echo UNMOUNTED-$((6*7))";
+    let mut vm = Watched::spawn("wisp-vmm", &mut virtiofs_cmd("wisp", dir.path(), "", guest))?;
+    vm.wait_for("GUEST-WROTE-42", BOOT_TIMEOUT)?;
+    let so_far = vm.output();
+    ensure_that!(guest_part(&so_far).contains("hello from the host"), "guest did not read the host file:\n{so_far}");
+    let written = std::fs::read_to_string(dir.path().join("from-guest"))?;
+    ensure_that!(written == "guest-wrote\n", "file written in the guest has {written:?} on the host");
+    ensure_that!(dir.path().join("gdir").is_dir(), "directory made in the guest is not on the host");
+    // Change the file in place (same inode, longer) and add a file in the guest's directory.
+    std::fs::write(dir.path().join("hello.txt"), "changed on the host, and longer than before\n")?;
+    std::fs::write(dir.path().join("gdir/from-host"), "new file from the host\n")?;
+    let all = expect_clean_exit(&mut vm)?;
+    let out = guest_part(&all);
+    let tries = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("SEEN-AFTER-TRIES="))
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .context(format!("guest did not report:\n{out}"))?;
+    ensure_that!(tries <= 100, "host changes never became visible in the guest:\n{out}");
+    ensure_that!(out.contains("changed on the host, and longer than before"), "guest read stale data:\n{out}");
+    ensure_that!(out.contains("new file from the host"), "guest did not read the new host file:\n{out}");
+    ensure_that!(out.contains("UNMOUNTED-42"), "unmounting the share failed:\n{out}");
+    println!("  host changes visible in the guest after {} ms of polling", tries * 200);
+    Ok(Outcome::Passed)
+}
+
+fn virtiofs_guest_cannot_reach_outside_the_share() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm(), need_root());
+    let outer = tempfile::tempdir()?;
+    std::fs::write(outer.path().join("HOST-PARENT-MARKER"), "outside the share\n")?;
+    let dir = outer.path().join("share");
+    std::fs::create_dir(&dir)?;
+    std::os::unix::fs::symlink("/etc/shadow", dir.join("evil"))?;
+    std::os::unix::fs::symlink("../../../../../../../../etc/shadow", dir.join("evil-rel"))?;
+    std::os::unix::fs::symlink("../HOST-PARENT-MARKER", dir.join("up"))?;
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let guest =
+        "cat /mnt/evil; echo CAT-EVIL=$?; cat /mnt/evil-rel; echo CAT-EVIL-REL=$?; cat /mnt/up; echo CAT-UP=$?; \
+         echo LS-DOTDOT-BEGIN; ls -a /mnt/.. /mnt/../..; echo LS-DOTDOT-END; \
+         cat /mnt/../HOST-PARENT-MARKER; echo CAT-PARENT=$?; echo LINK=$(readlink /mnt/evil)";
+    let mut vm = Watched::spawn("wisp-vmm", &mut virtiofs_cmd("wisp", &dir, "", guest))?;
+    let all = expect_clean_exit(&mut vm)?;
+    let out = guest_part(&all);
+    ensure_that!(out.contains("MOUNTED-42"), "mount failed:\n{all}");
+    for (what, marker) in
+        [("evil", "CAT-EVIL="), ("evil-rel", "CAT-EVIL-REL="), ("up", "CAT-UP="), ("../", "CAT-PARENT=")]
+    {
+        ensure_that!(out.contains(marker) && !out.contains(&format!("{marker}0")), "cat of {what} succeeded:\n{out}");
+    }
+    ensure_that!(out.contains("LINK=/etc/shadow"), "readlink does not return the link text:\n{out}");
+    ensure_that!(!out.contains("outside the share"), "the guest read a host file outside the share:\n{out}");
+    if let Some(first) = shadow.lines().next().filter(|l| !l.is_empty()) {
+        ensure_that!(!out.contains(first), "the guest read the host's /etc/shadow:\n{out}");
+    }
+    let listing = out.split("LS-DOTDOT-BEGIN").nth(1).and_then(|r| r.split("LS-DOTDOT-END").next()).unwrap_or_default();
+    ensure_that!(listing.contains("init") && listing.contains("bin"), "/mnt/.. is not the guest's root:\n{out}");
+    ensure_that!(!listing.contains("HOST-PARENT-MARKER"), "/mnt/.. shows the host's parent directory:\n{out}");
+    Ok(Outcome::Passed)
+}
+
+fn virtiofs_read_only_share_refuses_writes() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm());
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("hello.txt"), "read only\n")?;
+    let guest = "cat /mnt/hello.txt; echo x > /mnt/hello.txt; echo W1=$?; echo y > /mnt/new; echo W2=$?; \
+                 mkdir /mnt/d; echo W3=$?; busybox rm /mnt/hello.txt; echo W4=$?; busybox touch /mnt/hello.txt; echo W5=$?";
+    let mut vm = Watched::spawn("wisp-vmm", &mut virtiofs_cmd("ro", dir.path(), ",ro", guest))?;
+    let all = expect_clean_exit(&mut vm)?;
+    let out = guest_part(&all);
+    ensure_that!(out.contains("read only"), "guest could not read the read-only share:\n{out}");
+    for w in ["W1=", "W2=", "W3=", "W4=", "W5="] {
+        ensure_that!(
+            out.contains(w) && !out.contains(&format!("{w}0")),
+            "a write to the read-only share succeeded ({w}):\n{out}"
+        );
+    }
+    ensure_that!(std::fs::read_to_string(dir.path().join("hello.txt"))? == "read only\n", "host file changed");
+    let entries: Vec<_> = std::fs::read_dir(dir.path())?.collect();
+    ensure_that!(entries.len() == 1, "the guest created entries in a read-only share");
+    Ok(Outcome::Passed)
+}
+
+const BIG_FILE: u64 = 256 * MIB;
+
+fn virtiofs_256mib_file_both_ways() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm());
+    let dir = tempfile::tempdir()?;
+    let (big, copy) = (dir.path().join("big"), dir.path().join("copy"));
+    // Made and checked with C tools: a debug-built test loop over 256 MiB is slow here.
+    let t = std::time::Instant::now();
+    host_secs(&format!("head -c {BIG_FILE} /dev/urandom > {}", big.display()))?;
+    let want = sha256_file(&big)?;
+    let prep = t.elapsed().as_secs_f64();
+    let guest = "sha256sum /mnt/big; dd if=/mnt/big of=/mnt/copy bs=1M conv=fsync 2>/dev/null; echo COPY=$?";
+    let mut vm = Watched::spawn("wisp-vmm", &mut virtiofs_cmd("wisp", dir.path(), "", guest))?;
+    let all = expect_clean_exit(&mut vm)?;
+    let out = guest_part(&all);
+    ensure_that!(out.contains(&want), "guest read different data (want sha256 {want}):\n{out}");
+    ensure_that!(out.contains("COPY=0"), "guest copy failed:\n{out}");
+    let t = std::time::Instant::now();
+    let cmp = Command::new("cmp").arg(&big).arg(&copy).output()?;
+    ensure_that!(
+        cmp.status.success(),
+        "the file written in the guest differs on the host: {}{}",
+        String::from_utf8_lossy(&cmp.stdout).trim(),
+        String::from_utf8_lossy(&cmp.stderr).trim()
+    );
+    println!(
+        "  host side: {prep:.1}s to make and hash the file, {:.1}s to compare the copy",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(Outcome::Passed)
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    ensure_that!(out.status.success(), "sha256sum {} failed", path.display());
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// Seconds between two markers in the guest's output, as seen by the host.
+fn time_between(vm: &Watched, start: &str, end: &str) -> anyhow::Result<f64> {
+    vm.wait_for(start, BOOT_TIMEOUT)?;
+    let t = std::time::Instant::now();
+    vm.wait_for(end, BOOT_TIMEOUT)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Runs `sh -c script` on this (the emulated) host and returns its wall time in seconds.
+fn host_secs(script: &str) -> anyhow::Result<f64> {
+    let t = std::time::Instant::now();
+    let out = Command::new("sh").arg("-c").arg(script).output()?;
+    ensure_that!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn mb_per_s(secs: f64) -> f64 {
+    BIG_FILE as f64 / 1e6 / secs
+}
+
+/// Sequential dd throughput of a 256 MiB file on the share, cache=auto and cache=never,
+/// against the same dd on the host directory, plus a warm re-read and a metadata walk
+/// (`ls -l` of 500 files, twice) per mode. Figures are reported; only success is checked.
+fn virtiofs_dd_throughput_both_cache_modes_vs_host() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm(), need_root());
+    let (auto_dir, never_dir, host_dir) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+    for dir in [&auto_dir, &never_dir] {
+        std::fs::create_dir(dir.path().join("many"))?;
+        for i in 0..500 {
+            std::fs::write(dir.path().join(format!("many/f{i}")), b"")?;
+        }
+    }
+    let guest = "mkdir -p /mnt/a /mnt/n && mount -t virtiofs wa /mnt/a && mount -t virtiofs wn /mnt/n && \
+                 echo MOUNTED-$((6*7)) && for m in a n; do \
+                 echo TP-$m-W-BEGIN; dd if=/dev/zero of=/mnt/$m/tp bs=1M count=256 conv=fsync; echo TP-$m-W-END; \
+                 echo 3 > /proc/sys/vm/drop_caches; \
+                 echo TP-$m-R-BEGIN; dd if=/mnt/$m/tp of=/dev/null bs=1M; echo TP-$m-R-END; \
+                 echo TP-$m-R2-BEGIN; dd if=/mnt/$m/tp of=/dev/null bs=1M; echo TP-$m-R2-END; \
+                 echo TP-$m-S-BEGIN; ls -l /mnt/$m/many >/dev/null; ls -l /mnt/$m/many >/dev/null; echo TP-$m-S-END; \
+                 done 2>/dev/null";
+    let mut c = Command::new(vmm_bin());
+    c.arg("--kernel").arg(artifact("guest/vmlinux")).arg("--initrd").arg(artifact("guest/test-initrd.img"));
+    // Room to keep the whole file in the guest's page cache for the warm re-read.
+    c.args(["--console", "stdout", "--memory-mib", "768"]);
+    c.arg("--cmdline").arg(format!("-- /bin/sh -c \"{guest}\""));
+    c.arg("--shared-dir").arg(format!("wa={}", auto_dir.path().display()));
+    c.arg("--shared-dir").arg(format!("wn={},cache=never", never_dir.path().display()));
+    // The host figures: the same dd on a directory of this host, before and after the VM
+    // (averaged: other work on the machine shifts both sides).
+    let host_dd = || -> anyhow::Result<(f64, f64)> {
+        let file = host_dir.path().join("tp");
+        let w = host_secs(&format!("dd if=/dev/zero of={} bs=1M count=256 conv=fsync 2>/dev/null", file.display()))?;
+        host_secs("sync; echo 3 > /proc/sys/vm/drop_caches")?;
+        let r = host_secs(&format!("dd if={} of=/dev/null bs=1M 2>/dev/null", file.display()))?;
+        std::fs::remove_file(&file)?;
+        Ok((w, r))
+    };
+    let before = host_dd()?;
+    let mut vm = Watched::spawn("wisp-vmm", &mut c)?;
+    let mut secs = std::collections::HashMap::new();
+    for m in ["a", "n"] {
+        for op in ["W", "R", "R2", "S"] {
+            secs.insert((m, op), time_between(&vm, &format!("TP-{m}-{op}-BEGIN"), &format!("TP-{m}-{op}-END"))?);
+        }
+    }
+    let all = expect_clean_exit(&mut vm)?;
+    let out = guest_part(&all);
+    ensure_that!(out.contains("MOUNTED-42"), "mount failed:\n{all}");
+    for (m, dir) in [("a", &auto_dir), ("n", &never_dir)] {
+        let len = std::fs::metadata(dir.path().join("tp"))?.len();
+        ensure_that!(len == BIG_FILE, "share {m}: the guest wrote {len} bytes");
+    }
+    let after = host_dd()?;
+    let (hw, hr) = ((before.0 + after.0) / 2.0, (before.1 + after.1) / 2.0);
+    for (m, mode) in [("a", "auto "), ("n", "never")] {
+        for (op, what, host) in [("W", "write     ", hw), ("R", "read      ", hr), ("R2", "warm read ", hr)] {
+            let guest = secs[&(m, op)];
+            println!(
+                "  256 MiB dd {what} cache={mode}: guest {:7.1} MB/s, host {:7.1} MB/s, guest/host {:.2}",
+                mb_per_s(guest),
+                mb_per_s(host),
+                host / guest
+            );
+        }
+        println!("  ls -l of 500 files twice, cache={mode}: {:.2} s", secs[&(m, "S")]);
+    }
+    Ok(Outcome::Passed)
+}
+
 fn main() {
     Suite::new("vmm_boot")
         .case("refuses_a_file_that_is_not_a_kernel", refuses_a_file_that_is_not_a_kernel)
@@ -303,5 +538,13 @@ fn main() {
         .case("vsock_guest_to_host_64mib", vsock_guest_to_host_64mib)
         .case("vsock_to_a_port_nobody_listens_on_is_refused", vsock_to_a_port_nobody_listens_on_is_refused)
         .case("control_api_pause_resume_timeline_shutdown", control_api_pause_resume_timeline_shutdown)
+        .case(
+            "virtiofs_shares_files_both_ways_and_sees_host_changes",
+            virtiofs_shares_files_both_ways_and_sees_host_changes,
+        )
+        .case("virtiofs_guest_cannot_reach_outside_the_share", virtiofs_guest_cannot_reach_outside_the_share)
+        .case("virtiofs_read_only_share_refuses_writes", virtiofs_read_only_share_refuses_writes)
+        .case("virtiofs_256mib_file_both_ways", virtiofs_256mib_file_both_ways)
+        .case("virtiofs_dd_throughput_both_cache_modes_vs_host", virtiofs_dd_throughput_both_cache_modes_vs_host)
         .run()
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::{boot, layout, mptable};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{BootMarker, BootTimeline, I8042, Milestone, SerialConsole};
+pub use crate::devices::virtio::fs::{CacheMode, SharedDirConfig};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::VirtioDevice;
 use crate::vstate::vcpu::{Vcpu, VcpuSet};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     pub vsock: Option<VsockConfig>,
     pub disks: Vec<DiskConfig>,
+    /// Host directories shared over virtio-fs, one device each.
+    pub shared_dirs: Vec<SharedDirConfig>,
     /// virtio-rng is on unless turned off.
     pub rng: bool,
 }
@@ -182,6 +185,12 @@ impl MicroVm {
                 .map_err(|e| StartError::Device { device: name.clone(), reason: e.to_string() })?;
             setup.attach(&name, dev)?;
         }
+        for (i, s) in config.shared_dirs.iter().enumerate() {
+            let name = format!("fs{i} ({}={})", s.tag, s.path.display());
+            let dev = crate::devices::virtio::fs::SharedDir::new(s)
+                .map_err(|e| StartError::Device { device: name.clone(), reason: e.to_string() })?;
+            setup.attach(&name, dev)?;
+        }
         if !config.extra_cmdline.trim().is_empty() {
             setup
                 .cmdline
@@ -195,7 +204,7 @@ impl MicroVm {
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
             let v = Vcpu::new(&vm.fd, i)?;
-            v.configure(&vm.mem, &vm.supported_cpuid, config.vcpus, (i == 0).then_some(boot_info.entry))?;
+            v.configure(&vm.mem, &vm.supported_cpuid, config.vcpus, vm.tsc_deadline, (i == 0).then_some(boot_info.entry))?;
             vcpus.push(v);
         }
         timeline.record(Milestone::KernelLoaded);
@@ -203,6 +212,7 @@ impl MicroVm {
         let dev_exits = exits_tx.clone();
         std::thread::Builder::new()
             .name("devices".into())
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || loop {
                 if let Err(e) = events.run() {
                     let _ = dev_exits.send(VmExit::Error(format!("device event loop failed: {e}")));

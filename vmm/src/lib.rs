@@ -16,6 +16,11 @@ pub mod vstate;
 
 pub use builder::{ConsoleOutput, DiskConfig, MicroVm, StartError, VmConfig, VsockConfig};
 
+/// Stack size of the VMM's own threads: small, so that no stack is ever backed by a
+/// 2 MiB transparent huge page (the default 2 MiB stacks sometimes are), which would
+/// count against the VMM's footprint.
+pub const THREAD_STACK: usize = 1024 * 1024;
+
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use wisp_vmm::builder::{CacheMode, SharedDirConfig};
+use wisp_vmm::devices::virtio::fs::{validate_tag, MAX_REQUEST_QUEUES};
 use wisp_vmm::{ConsoleOutput, DiskConfig, MicroVm, VmConfig, VmExit, VsockConfig};
 
 #[derive(Parser, Debug)]
@@ -36,6 +38,10 @@ struct Args {
     /// A raw disk image as virtio-blk; `PATH,ro` for read-only. Repeatable.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// A host directory shared over virtio-fs: `TAG=PATH[,ro][,cache=never|auto|always][,queues=N][,xattr]`;
+    /// the guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable, one device each.
+    #[arg(long = "shared-dir")]
+    shared_dirs: Vec<String>,
     /// Disable the virtio-rng entropy device.
     #[arg(long = "no-rng")]
     no_rng: bool,
@@ -60,6 +66,40 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path: path.into(), read_only: ro })
 }
 
+const SHARED_DIR_SYNTAX: &str = "TAG=PATH[,ro][,cache=never|auto|always][,queues=N][,xattr]";
+
+fn parse_shared_dir(s: &str) -> Result<SharedDirConfig, String> {
+    let err = |what: String| format!("--shared-dir {s}: {what}");
+    let Some((tag, rest)) = s.split_once('=') else {
+        return Err(err(format!("expected {SHARED_DIR_SYNTAX}")));
+    };
+    validate_tag(tag).map_err(|e| err(e.to_string()))?;
+    let mut parts = rest.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(err(format!("missing path (expected {SHARED_DIR_SYNTAX})")));
+    }
+    let mut dir = SharedDirConfig::new(tag, path);
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => dir.read_only = true,
+            None if opt == "rw" => dir.read_only = false,
+            None if opt == "xattr" => dir.xattr = true,
+            Some(("cache", mode)) => dir.cache = mode.parse::<CacheMode>().map_err(|e| err(e.to_string()))?,
+            Some(("queues", n)) => {
+                dir.request_queues = n
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=MAX_REQUEST_QUEUES).contains(n))
+                    .ok_or_else(|| err(format!("queues={n}: use 1 to {MAX_REQUEST_QUEUES}")))?;
+            }
+            _ => return Err(err(format!("unknown option '{opt}' (expected {SHARED_DIR_SYNTAX})"))),
+        }
+    }
+    dir.validate().map_err(|e| err(e.to_string()))?;
+    Ok(dir)
+}
+
 fn config_from(args: &Args) -> Result<VmConfig, String> {
     let console = match args.console.as_str() {
         "off" => ConsoleOutput::Off,
@@ -68,6 +108,12 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         p => ConsoleOutput::File(p.into()),
     };
     let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
+    let shared_dirs = args.shared_dirs.iter().map(|d| parse_shared_dir(d)).collect::<Result<Vec<_>, _>>()?;
+    for (i, dir) in shared_dirs.iter().enumerate() {
+        if shared_dirs[..i].iter().any(|d| d.tag == dir.tag) {
+            return Err(format!("--shared-dir: tag '{}' is used twice; each share needs its own tag", dir.tag));
+        }
+    }
     if args.vsock_cid < 3 || args.vsock_cid > u64::from(u32::MAX) - 1 {
         return Err(format!("--vsock-cid {}: guest CIDs are 3..4294967294", args.vsock_cid));
     }
@@ -80,6 +126,7 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         console,
         vsock: args.vsock_uds.clone().map(|uds_path| VsockConfig { guest_cid: args.vsock_cid, uds_path }),
         disks,
+        shared_dirs,
         rng: !args.no_rng,
     })
 }
@@ -184,6 +231,53 @@ mod tests {
         assert_eq!(parse_disk("/a.img,ro").unwrap(), DiskConfig { path: "/a.img".into(), read_only: true });
         assert!(parse_disk("/a.img,bogus").unwrap_err().contains("bogus"));
         assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn shared_dir_option_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().display().to_string();
+        let d = parse_shared_dir(&format!("rootfs={p}")).unwrap();
+        assert_eq!(d, SharedDirConfig::new("rootfs", dir.path()));
+        assert_eq!(d.cache, CacheMode::Auto);
+        assert_eq!((d.read_only, d.request_queues, d.xattr), (false, 1, false));
+        let d = parse_shared_dir(&format!("vol={p},ro,cache=never,queues=2,xattr")).unwrap();
+        assert_eq!((d.read_only, d.cache, d.request_queues, d.xattr), (true, CacheMode::Never, 2, true));
+        assert_eq!(parse_shared_dir(&format!("t={p},cache=always")).unwrap().cache, CacheMode::Always);
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let long = "x".repeat(37);
+        let cases = [
+            (format!("={p}"), "empty"),
+            (format!("{long}={p}"), "longer than 36"),
+            (format!("a,b={p}"), "contains ','"),
+            (format!("a b={p}"), "contains ' '"),
+            (p.clone(), "expected TAG=PATH"),
+            ("t=".to_string(), "missing path"),
+            ("t=,ro".to_string(), "missing path"),
+            (format!("t={}", file.display()), "not a directory"),
+            (format!("t={p}/missing"), "No such file"),
+            (format!("t={p},bogus"), "unknown option 'bogus'"),
+            (format!("t={p},ro=1"), "unknown option 'ro=1'"),
+            (format!("t={p},cache=metadata"), "unknown virtio-fs cache mode 'metadata'"),
+            (format!("t={p},queues=0"), "queues=0"),
+            (format!("t={p},queues=17"), "queues=17"),
+            (format!("t={p},queues=x"), "queues=x"),
+        ];
+        for (arg, want) in cases {
+            let e = parse_shared_dir(&arg).unwrap_err();
+            assert!(e.contains(want), "{arg}: {e}");
+            assert!(e.starts_with("--shared-dir "), "{arg}: {e}");
+            assert_eq!(e.lines().count(), 1, "{arg}: {e}");
+        }
+        // A tag with '=' cannot be written: the first '=' ends the tag and the rest is the path.
+        assert!(parse_shared_dir(&format!("a=b={p}")).unwrap_err().contains("a=b="));
+
+        let mut a = Args::parse_from(["wisp-vmm", "--kernel", "k", "--shared-dir", &format!("t={p}")]);
+        assert_eq!(config_from(&a).unwrap().shared_dirs.len(), 1);
+        a.shared_dirs.push(format!("t={p},ro"));
+        assert!(config_from(&a).unwrap_err().contains("tag 't' is used twice"));
     }
 
     #[test]

@@ -54,12 +54,13 @@ impl Vcpu {
         mem: &GuestMemoryMmap,
         supported: &CpuId,
         count: u8,
+        tsc_deadline: bool,
         entry: Option<regs::EntryPoint>,
     ) -> Result<(), VcpuError> {
         let index = self.index;
         let err = |reason: String| VcpuError::Configure { index, reason };
         let mut cpuid = supported.clone();
-        cpuid::filter_for_vcpu(&mut cpuid, index, count);
+        cpuid::filter_for_vcpu(&mut cpuid, index, count, tsc_deadline);
         self.fd.set_cpuid2(&cpuid).map_err(|e| err(format!("CPUID: {e}")))?;
         msr::setup_msrs(&self.fd).map_err(|e| err(e.to_string()))?;
         regs::setup_fpu(&self.fd).map_err(|e| err(e.to_string()))?;
@@ -128,6 +129,7 @@ impl VcpuSet {
             let (pio, mmio, exits, control) = (pio.clone(), mmio.clone(), exits.clone(), control.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
+                .stack_size(crate::THREAD_STACK)
                 .spawn(move || run_loop(vcpu, &pio, &mmio, &exits, &control))
                 .map_err(VcpuError::Spawn)?;
             threads.push(t);

@@ -33,6 +33,7 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     pub mem_bytes: u64,
     pub supported_cpuid: CpuId,
+    pub tsc_deadline: bool,
 }
 
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
@@ -86,6 +87,7 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(VmError::Irqchip)?;
 
-        Ok(Self { kvm, fd, mem, mem_bytes, supported_cpuid })
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        Ok(Self { kvm, fd, mem, mem_bytes, supported_cpuid, tsc_deadline })
     }
 }

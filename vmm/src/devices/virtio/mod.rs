@@ -87,6 +87,7 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 }
 pub mod block;
+pub mod fs;
 pub mod rng;
 pub mod vsock;
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs wisp's benchmarks (`make bench`). The runner (wisp-bench, in the tests crate) is
+# built here, on the host; it runs inside the emulated KVM host (tests/kvmhost/run)
+# unless this machine has hardware-style KVM (vmx/svm), where it runs directly.
+#
+#   tests/bench.sh [--runs N] [FILTER...]     (all options: tests/bench.sh --help)
+#
+# Needs target/release/wisp-vmm, target/guest/{vmlinux,test-initrd.img} (make build
+# guest) and qemu-system-x86_64. Prints the table and writes target/bench/report.md
+# and target/bench/report.json. WISP_BENCH_N sets the runs per side (default 5). In the
+# emulated host only target/bench is writable: keep wisp-bench's --out under it.
+# WISP_BENCH_TIMEOUT (seconds, default 1800) bounds the emulated host; the report is
+# rewritten after each experiment, so a run cut short keeps what it measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=${CARGO_TARGET_DIR:-target}
+missing=()
+for f in release/wisp-vmm guest/vmlinux guest/test-initrd.img; do
+    [ -f "$target/$f" ] || missing+=("$target/$f (make build guest)")
+done
+command -v "${WISP_BENCH_QEMU:-qemu-system-x86_64}" >/dev/null ||
+    missing+=("qemu-system-x86_64 (apt-get install qemu-system-x86)")
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "bench: missing prerequisites:" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 2
+fi
+
+bin=$(cargo build --release -p wisp-tests --bin wisp-bench --message-format=json-render-diagnostics |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "wisp-bench":
+        print(m["executable"])')
+[ -n "$bin" ] || { echo "bench: cargo built no wisp-bench binary" >&2; exit 1; }
+
+out=$target/bench
+mkdir -p "$out"
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then
+    exec "$bin" "$@"
+fi
+exec tests/kvmhost/run --timeout "${WISP_BENCH_TIMEOUT:-1800}" --rw "$out" -- "$bin" "$@"

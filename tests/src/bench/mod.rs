@@ -1,0 +1,247 @@
+//! `make bench`: wisp's figures against a peer measured in the same invocation.
+//!
+//! A figure comes from an *experiment*: one function that runs one VM (or pod) on one
+//! side, wisp or the peer, and returns that run's values (a run can yield several
+//! figures, e.g. a VMM's overhead and its guest's touched RAM from one smaps read).
+//! The runner calls it N times per side, interleaved (wisp, peer, wisp, peer, ...) so
+//! both sides see the same machine noise, and reports each figure as the median with
+//! min and max. Figures that cannot be measured yet are listed with the reason, never
+//! as numbers. Benchmarks never assert on time: a missed target is a report line.
+
+pub mod figures;
+pub mod json;
+pub mod report;
+pub mod smaps;
+pub mod stats;
+pub mod timed;
+pub mod timeline;
+pub mod vms;
+
+use std::time::Duration;
+
+use stats::Summary;
+use timeline::Timeline;
+use vms::{Setup, Side};
+
+/// What a figure is held against (from the design's TARGETS.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// wisp / peer must be at most this.
+    RatioAtMost(f64),
+    /// wisp's own value must be at most this (in the figure's unit).
+    WispAtMost(f64),
+    /// Reported, not judged.
+    Report,
+}
+
+/// A figure's identity and how it is judged.
+#[derive(Debug, Clone)]
+pub struct FigureSpec {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub peer_name: &'static str,
+    pub target: Target,
+    /// The target as TARGETS.md states it.
+    pub target_text: &'static str,
+    /// A line for the report's notes (published anchors, how it is measured).
+    pub note: &'static str,
+}
+
+/// The values of one run on one side, by figure name.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub values: Vec<(&'static str, f64)>,
+    /// wisp-vmm's boot timeline of this run, when the experiment records it.
+    pub timeline: Option<Timeline>,
+    /// What a figure's value is made of (wisp side), e.g. memory by mapping.
+    pub parts: Vec<Part>,
+}
+
+/// A labelled share of a figure's value in one run.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub figure: &'static str,
+    pub label: String,
+    pub value: f64,
+}
+
+/// Settings every experiment sees.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub setup: Setup,
+    /// How long a booted guest idles before its VMM's memory is read.
+    pub settle: Duration,
+    pub boot_timeout: Duration,
+}
+
+pub type RunFn = fn(&Ctx, Side) -> anyhow::Result<Sample>;
+
+/// One function measuring one or more figures.
+pub struct Experiment {
+    pub name: &'static str,
+    pub run: RunFn,
+    pub figures: Vec<FigureSpec>,
+}
+
+/// How a figure came out.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// `wisp_parts`: the median of each part over the wisp runs, largest first.
+    Measured {
+        wisp: Vec<f64>,
+        peer: Vec<f64>,
+        wisp_parts: Vec<(String, Summary)>,
+    },
+    Timeline(timeline::TimelineSummary),
+    NotMeasured(String),
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct FigureResult {
+    pub spec: FigureSpec,
+    pub outcome: Outcome,
+}
+
+/// How many runs per side.
+pub struct RunPlan {
+    pub runs: usize,
+    /// Unrecorded runs per side first (page cache, CPU frequency, lazy binding).
+    pub warmup: usize,
+}
+
+/// Runs `exp` `plan.runs` times per side, interleaved, and returns its figures'
+/// results plus the wisp-side timelines it recorded. A failed run fails the
+/// experiment's figures with the error (the remaining runs are skipped).
+pub fn run_experiment(exp: &Experiment, ctx: &Ctx, plan: &RunPlan) -> (Vec<FigureResult>, Vec<Timeline>) {
+    let mut wisp: Vec<Sample> = Vec::new();
+    let mut peer: Vec<Sample> = Vec::new();
+    let mut error = None;
+    let total = plan.warmup + plan.runs;
+    'runs: for i in 0..total {
+        let warm = i < plan.warmup;
+        for side in [Side::Wisp, Side::Peer] {
+            let label = if warm { "warm-up".to_string() } else { format!("run {}/{}", i - plan.warmup + 1, plan.runs) };
+            match (exp.run)(ctx, side) {
+                Ok(s) => {
+                    let vals: Vec<String> = s.values.iter().map(|(n, v)| format!("{n}={v:.2}")).collect();
+                    eprintln!("bench: {} {} {label}: {}", exp.name, side.name(), vals.join(" "));
+                    if !warm {
+                        if side == Side::Wisp {
+                            wisp.push(s)
+                        } else {
+                            peer.push(s)
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("bench: {} {} {label} failed: {e:#}", exp.name, side.name());
+                    error = Some(format!("{} {label}: {e:#}", side.name()));
+                    break 'runs;
+                }
+            }
+        }
+    }
+    let results = exp
+        .figures
+        .iter()
+        .map(|spec| {
+            let outcome = match &error {
+                Some(e) => Outcome::Failed(e.clone()),
+                None => Outcome::Measured {
+                    wisp: values_of(&wisp, spec.name),
+                    peer: values_of(&peer, spec.name),
+                    wisp_parts: parts_of(&wisp, spec.name),
+                },
+            };
+            FigureResult { spec: spec.clone(), outcome }
+        })
+        .collect();
+    let timelines = if error.is_none() { wisp.into_iter().filter_map(|s| s.timeline).collect() } else { Vec::new() };
+    (results, timelines)
+}
+
+fn values_of(samples: &[Sample], name: &str) -> Vec<f64> {
+    samples.iter().flat_map(|s| s.values.iter().filter(|(n, _)| *n == name).map(|(_, v)| *v)).collect()
+}
+
+/// Per label, the median over the runs (a run without the label counts as 0).
+fn parts_of(samples: &[Sample], figure: &str) -> Vec<(String, Summary)> {
+    let mut labels: Vec<&str> = Vec::new();
+    for p in samples.iter().flat_map(|s| &s.parts).filter(|p| p.figure == figure) {
+        if !labels.contains(&p.label.as_str()) {
+            labels.push(&p.label);
+        }
+    }
+    let mut out: Vec<(String, Summary)> = labels
+        .into_iter()
+        .filter_map(|label| {
+            let per_run: Vec<f64> = samples
+                .iter()
+                .map(|s| s.parts.iter().filter(|p| p.figure == figure && p.label == label).map(|p| p.value).sum())
+                .collect();
+            Some((label.to_string(), Summary::of(&per_run)?))
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.median.total_cmp(&a.1.median));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Ctx {
+        Ctx {
+            setup: Setup { vmm: "/v".into(), kernel: "/k".into(), initrd: "/i".into(), qemu: "/q".into() },
+            settle: Duration::ZERO,
+            boot_timeout: Duration::ZERO,
+        }
+    }
+
+    fn spec(name: &'static str) -> FigureSpec {
+        FigureSpec { name, unit: "ms", peer_name: "peer", target: Target::Report, target_text: "", note: "" }
+    }
+
+    thread_local! {
+        static ORDER: std::cell::RefCell<Vec<Side>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn counting(_: &Ctx, side: Side) -> anyhow::Result<Sample> {
+        let n = ORDER.with(|o| {
+            o.borrow_mut().push(side);
+            o.borrow().len()
+        });
+        Ok(Sample { values: vec![("a", n as f64), ("b", 1.0)], ..Default::default() })
+    }
+
+    #[test]
+    fn runs_are_interleaved_and_warmups_dropped() {
+        let exp = Experiment { name: "x", run: counting, figures: vec![spec("a"), spec("b")] };
+        let (res, _) = run_experiment(&exp, &ctx(), &RunPlan { runs: 3, warmup: 1 });
+        let order = ORDER.with(|o| o.borrow().clone());
+        assert_eq!(order, [Side::Wisp, Side::Peer].repeat(4));
+        match &res[0].outcome {
+            Outcome::Measured { wisp, peer, .. } => {
+                assert_eq!(wisp, &[3.0, 5.0, 7.0]);
+                assert_eq!(peer, &[4.0, 6.0, 8.0]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&res[1].outcome, Outcome::Measured { wisp, .. } if wisp.len() == 3));
+    }
+
+    fn failing(_: &Ctx, side: Side) -> anyhow::Result<Sample> {
+        match side {
+            Side::Wisp => Ok(Sample { values: vec![("a", 1.0)], ..Default::default() }),
+            Side::Peer => anyhow::bail!("peer broke"),
+        }
+    }
+
+    #[test]
+    fn a_failed_run_fails_the_figures_with_its_error() {
+        let exp = Experiment { name: "x", run: failing, figures: vec![spec("a")] };
+        let (res, _) = run_experiment(&exp, &ctx(), &RunPlan { runs: 3, warmup: 0 });
+        assert!(matches!(&res[0].outcome, Outcome::Failed(e) if e.contains("peer broke")), "{:?}", res[0].outcome);
+    }
+}

@@ -138,6 +138,8 @@ fn virtio_blk_read_only_refuses_writes() -> CaseResult {
 }
 
 const TRANSFER: u64 = 64 * MIB;
+/// The longest a vsock transfer may make no progress before the case fails.
+const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn vsock_host_to_guest_64mib_echo() -> CaseResult {
     skip_unless!(need_artifacts(), need_full_kvm());
@@ -148,6 +150,9 @@ fn vsock_host_to_guest_64mib_echo() -> CaseResult {
     let mut vm = Watched::spawn("wisp-vmm", &mut c)?;
     vm.wait_for("listening on port 5000", BOOT_TIMEOUT)?;
     let conn = hybrid_vsock::dial(&uds, 5000, Duration::from_secs(2), Duration::from_secs(60))?;
+    // A stalled transfer fails the case instead of hanging the suite.
+    conn.set_read_timeout(Some(STALL_TIMEOUT))?;
+    conn.set_write_timeout(Some(STALL_TIMEOUT))?;
     let mut writer = conn.try_clone()?;
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let mut buf = vec![0u8; 256 * 1024];
@@ -193,6 +198,7 @@ fn vsock_guest_to_host_64mib() -> CaseResult {
     std::thread::spawn(move || {
         let r = (|| -> anyhow::Result<u64> {
             let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(STALL_TIMEOUT))?;
             let mut buf = vec![0u8; 256 * 1024];
             let mut got = 0u64;
             loop {

@@ -35,10 +35,14 @@ fn need_artifacts() -> Option<String> {
 
 /// wisp-vmm with the test kernel and initrd; `guest_cmd` runs in the guest after boot.
 fn vmm_cmd(guest_cmd: &str) -> Command {
+    vmm_cmd_with_memory(guest_cmd, 256)
+}
+
+fn vmm_cmd_with_memory(guest_cmd: &str, mib: u32) -> Command {
     let mut c = Command::new(vmm_bin());
     c.arg("--kernel").arg(artifact("guest/vmlinux"));
     c.arg("--initrd").arg(artifact("guest/test-initrd.img"));
-    c.args(["--console", "stdout", "--memory-mib", "256"]);
+    c.args(["--console", "stdout", "--memory-mib", &mib.to_string()]);
     if !guest_cmd.is_empty() {
         c.arg("--cmdline").arg(format!("-- /bin/sh -c \"{guest_cmd}\""));
     }
@@ -303,7 +307,11 @@ fn sigterm_ends_the_vm_and_removes_sockets() -> CaseResult {
 /// mounts it at /mnt and runs `guest_cmd` (no double quotes: it goes on the kernel
 /// command line).
 fn virtiofs_cmd(tag: &str, dir: &Path, opts: &str, guest_cmd: &str) -> Command {
-    let mut c = vmm_cmd(&format!("mount -t virtiofs {tag} /mnt && echo MOUNTED-$((6*7)) && {guest_cmd}"));
+    virtiofs_cmd_with_memory(tag, dir, opts, guest_cmd, 256)
+}
+
+fn virtiofs_cmd_with_memory(tag: &str, dir: &Path, opts: &str, guest_cmd: &str, mib: u32) -> Command {
+    let mut c = vmm_cmd_with_memory(&format!("mount -t virtiofs {tag} /mnt && echo MOUNTED-$((6*7)) && {guest_cmd}"), mib);
     c.arg("--shared-dir").arg(format!("{tag}={}{opts}", dir.display()));
     c
 }
@@ -417,7 +425,10 @@ fn virtiofs_256mib_file_both_ways() -> CaseResult {
     let want = sha256_file(&big)?;
     let prep = t.elapsed().as_secs_f64();
     let guest = "sha256sum /mnt/big; dd if=/mnt/big of=/mnt/copy bs=1M conv=fsync 2>/dev/null; echo COPY=$?";
-    let mut vm = Watched::spawn("wisp-vmm", &mut virtiofs_cmd("wisp", dir.path(), "", guest))?;
+    // 256 MiB through the guest page cache needs headroom beyond the file itself: with
+    // 256 MiB of RAM the guest's atomic allocations for FUSE requests can fail. Guest RAM
+    // is allocated lazily, so the larger VM costs only what it touches.
+    let mut vm = Watched::spawn("wisp-vmm", &mut virtiofs_cmd_with_memory("wisp", dir.path(), "", guest, 1024))?;
     let all = expect_clean_exit(&mut vm)?;
     let out = guest_part(&all);
     ensure_that!(out.contains(&want), "guest read different data (want sha256 {want}):\n{out}");
@@ -443,14 +454,6 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
 }
 
-/// Seconds between two markers in the guest's output, as seen by the host.
-fn time_between(vm: &Watched, start: &str, end: &str) -> anyhow::Result<f64> {
-    vm.wait_for(start, BOOT_TIMEOUT)?;
-    let t = std::time::Instant::now();
-    vm.wait_for(end, BOOT_TIMEOUT)?;
-    Ok(t.elapsed().as_secs_f64())
-}
-
 /// Runs `sh -c script` on this (the emulated) host and returns its wall time in seconds.
 fn host_secs(script: &str) -> anyhow::Result<f64> {
     let t = std::time::Instant::now();
@@ -458,80 +461,6 @@ fn host_secs(script: &str) -> anyhow::Result<f64> {
     ensure_that!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(t.elapsed().as_secs_f64())
 }
-
-fn mb_per_s(secs: f64) -> f64 {
-    BIG_FILE as f64 / 1e6 / secs
-}
-
-/// Sequential dd throughput of a 256 MiB file on the share, cache=auto and cache=never,
-/// against the same dd on the host directory, plus a warm re-read and a metadata walk
-/// (`ls -l` of 500 files, twice) per mode. Figures are reported; only success is checked.
-fn virtiofs_dd_throughput_both_cache_modes_vs_host() -> CaseResult {
-    skip_unless!(need_artifacts(), need_full_kvm(), need_root());
-    let (auto_dir, never_dir, host_dir) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
-    for dir in [&auto_dir, &never_dir] {
-        std::fs::create_dir(dir.path().join("many"))?;
-        for i in 0..500 {
-            std::fs::write(dir.path().join(format!("many/f{i}")), b"")?;
-        }
-    }
-    let guest = "mkdir -p /mnt/a /mnt/n && mount -t virtiofs wa /mnt/a && mount -t virtiofs wn /mnt/n && \
-                 echo MOUNTED-$((6*7)) && for m in a n; do \
-                 echo TP-$m-W-BEGIN; dd if=/dev/zero of=/mnt/$m/tp bs=1M count=256 conv=fsync; echo TP-$m-W-END; \
-                 echo 3 > /proc/sys/vm/drop_caches; \
-                 echo TP-$m-R-BEGIN; dd if=/mnt/$m/tp of=/dev/null bs=1M; echo TP-$m-R-END; \
-                 echo TP-$m-R2-BEGIN; dd if=/mnt/$m/tp of=/dev/null bs=1M; echo TP-$m-R2-END; \
-                 echo TP-$m-S-BEGIN; ls -l /mnt/$m/many >/dev/null; ls -l /mnt/$m/many >/dev/null; echo TP-$m-S-END; \
-                 done 2>/dev/null";
-    let mut c = Command::new(vmm_bin());
-    c.arg("--kernel").arg(artifact("guest/vmlinux")).arg("--initrd").arg(artifact("guest/test-initrd.img"));
-    // Room to keep the whole file in the guest's page cache for the warm re-read.
-    c.args(["--console", "stdout", "--memory-mib", "768"]);
-    c.arg("--cmdline").arg(format!("-- /bin/sh -c \"{guest}\""));
-    c.arg("--shared-dir").arg(format!("wa={}", auto_dir.path().display()));
-    c.arg("--shared-dir").arg(format!("wn={},cache=never", never_dir.path().display()));
-    // The host figures: the same dd on a directory of this host, before and after the VM
-    // (averaged: other work on the machine shifts both sides).
-    let host_dd = || -> anyhow::Result<(f64, f64)> {
-        let file = host_dir.path().join("tp");
-        let w = host_secs(&format!("dd if=/dev/zero of={} bs=1M count=256 conv=fsync 2>/dev/null", file.display()))?;
-        host_secs("sync; echo 3 > /proc/sys/vm/drop_caches")?;
-        let r = host_secs(&format!("dd if={} of=/dev/null bs=1M 2>/dev/null", file.display()))?;
-        std::fs::remove_file(&file)?;
-        Ok((w, r))
-    };
-    let before = host_dd()?;
-    let mut vm = Watched::spawn("wisp-vmm", &mut c)?;
-    let mut secs = std::collections::HashMap::new();
-    for m in ["a", "n"] {
-        for op in ["W", "R", "R2", "S"] {
-            secs.insert((m, op), time_between(&vm, &format!("TP-{m}-{op}-BEGIN"), &format!("TP-{m}-{op}-END"))?);
-        }
-    }
-    let all = expect_clean_exit(&mut vm)?;
-    let out = guest_part(&all);
-    ensure_that!(out.contains("MOUNTED-42"), "mount failed:\n{all}");
-    for (m, dir) in [("a", &auto_dir), ("n", &never_dir)] {
-        let len = std::fs::metadata(dir.path().join("tp"))?.len();
-        ensure_that!(len == BIG_FILE, "share {m}: the guest wrote {len} bytes");
-    }
-    let after = host_dd()?;
-    let (hw, hr) = ((before.0 + after.0) / 2.0, (before.1 + after.1) / 2.0);
-    for (m, mode) in [("a", "auto "), ("n", "never")] {
-        for (op, what, host) in [("W", "write     ", hw), ("R", "read      ", hr), ("R2", "warm read ", hr)] {
-            let guest = secs[&(m, op)];
-            println!(
-                "  256 MiB dd {what} cache={mode}: guest {:7.1} MB/s, host {:7.1} MB/s, guest/host {:.2}",
-                mb_per_s(guest),
-                mb_per_s(host),
-                host / guest
-            );
-        }
-        println!("  ls -l of 500 files twice, cache={mode}: {:.2} s", secs[&(m, "S")]);
-    }
-    Ok(Outcome::Passed)
-}
-
 fn main() {
     Suite::new("vmm_boot")
         .case("refuses_a_file_that_is_not_a_kernel", refuses_a_file_that_is_not_a_kernel)
@@ -551,6 +480,5 @@ fn main() {
         .case("virtiofs_guest_cannot_reach_outside_the_share", virtiofs_guest_cannot_reach_outside_the_share)
         .case("virtiofs_read_only_share_refuses_writes", virtiofs_read_only_share_refuses_writes)
         .case("virtiofs_256mib_file_both_ways", virtiofs_256mib_file_both_ways)
-        .case("virtiofs_dd_throughput_both_cache_modes_vs_host", virtiofs_dd_throughput_both_cache_modes_vs_host)
         .run()
 }

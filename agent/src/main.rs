@@ -174,7 +174,13 @@ fn run(o: Options) -> anyhow::Result<()> {
     let mut server = ttrpc::Server::new()
         .bind(&ttrpc_addr.ttrpc_uri())
         .with_context(|| format!("binding the agent API on {ttrpc_addr:?}"))?
-        .register_service(methods);
+        .register_service(methods)
+        // Long polls (WaitProcess per live process, GetOomEvent) each hold a worker for
+        // as long as they wait; ttrpc's default of at most 5 workers per connection
+        // left no worker for ordinary calls once a pod had a few processes.
+        .set_thread_count_min(2)
+        .set_thread_count_default(8)
+        .set_thread_count_max(1024);
     server.start().context("starting the agent API")?;
     if guest {
         boot_marker::write(BootMarker::AgentListening);

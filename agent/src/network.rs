@@ -338,13 +338,11 @@ mod tests {
     use super::*;
 
     /// Configures `lo` in a private network namespace of a test thread (root only).
+    /// Ignored by default (libtest cannot report a skip): `make unit` runs it as root
+    /// with `--ignored`.
     #[test]
+    #[ignore = "needs root for a network namespace; run as root with --ignored (make unit does)"]
     fn configures_an_interface_and_routes_in_a_private_netns() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root for a network namespace");
-            return;
-        }
         let t = std::thread::spawn(|| {
             // Namespaces are per thread: this one gets its own network namespace.
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");

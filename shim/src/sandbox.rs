@@ -304,8 +304,8 @@ impl Sandbox {
 
     /// Starts a container's init process or an exec; returns the pid reported to containerd.
     pub fn start(&self, cid: &str, eid: &str) -> Result<u32, TaskError> {
-        let agent = self.agent()?;
         let (status, stdio, spec) = self.with_process(cid, eid, |p| Ok((p.status, p.stdio.clone(), p.spec.clone())))?;
+        let agent = self.agent()?;
         if status != Status::Created {
             return Err(TaskError::FailedPrecondition(format!("{cid}/{eid} is {status:?}, not created")));
         }
@@ -506,9 +506,9 @@ impl Sandbox {
     }
 
     pub fn pause(&self, cid: &str, pause: bool) -> Result<(), TaskError> {
-        let agent = self.agent()?;
         let action = if pause { Action::Pause } else { Action::Resume };
         let status = self.with_process(cid, "", |p| Ok(p.status))?;
+        let agent = self.agent()?;
         crate::container::transition(status, action).map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
         let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
         if pause {
@@ -596,5 +596,89 @@ pub fn remove_state_dir(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("removing {}: {e}", dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<String>>);
+    impl EventSink for Recorded {
+        fn publish(&self, topic: &str, _event: Box<dyn protobuf::MessageDyn>) {
+            self.0.lock().unwrap().push(topic.to_string());
+        }
+    }
+
+    fn sandbox() -> (Arc<Sandbox>, Arc<Recorded>) {
+        let events = Arc::new(Recorded::default());
+        (Sandbox::new("sb", events.clone(), Arc::default()), events)
+    }
+
+    fn request(dir: &Path, id: &str, annotations: serde_json::Value) -> CreateRequest {
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2", "process": { "args": ["true"], "cwd": "/" },
+            "root": { "path": "rootfs" }, "annotations": annotations
+        });
+        std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+        let state = dir.join("state");
+        std::fs::write(dir.join("wisp.toml"), format!("[runtime]\nstate_dir = \"{}\"\n", state.display())).unwrap();
+        CreateRequest {
+            id: id.into(),
+            bundle: dir.to_path_buf(),
+            rootfs: Vec::new(),
+            stdio: StdioPaths::default(),
+            config_path: Some(dir.join("wisp.toml")),
+        }
+    }
+
+    #[test]
+    fn bad_create_requests_are_refused_before_any_vm_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sb, events) = sandbox();
+        let e = sb.create(request(dir.path(), "a/b", serde_json::json!({}))).unwrap_err();
+        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
+        let e = sb.create(request(dir.path(), &"x".repeat(300), serde_json::json!({}))).unwrap_err();
+        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
+
+        let refused = serde_json::json!({ "io.wisp.config.hypervisor.vcpus": "2" });
+        let e = sb.create(request(dir.path(), "c1", refused)).unwrap_err();
+        assert!(matches!(e, TaskError::InvalidArgument(_)) && e.to_string().contains("hypervisor.vcpus"), "{e}");
+
+        let mut bad_bundle = request(dir.path(), "c1", serde_json::json!({}));
+        bad_bundle.bundle = dir.path().join("missing");
+        let e = sb.create(bad_bundle).unwrap_err();
+        assert!(e.to_string().contains("config.json"), "{e}");
+
+        std::fs::write(dir.path().join("wisp.toml"), "[hypervisor]\nvcpu = 2\n").unwrap();
+        let mut r = request(dir.path(), "c1", serde_json::json!({}));
+        std::fs::write(dir.path().join("wisp.toml"), "[hypervisor]\nvcpu = 2\n").unwrap();
+        r.config_path = Some(dir.path().join("wisp.toml"));
+        let e = sb.create(r).unwrap_err();
+        assert!(e.to_string().contains("hypervisor.vcpu"), "{e}");
+
+        assert!(!dir.path().join("state").exists(), "a refused create left a state directory");
+        assert!(sb.is_empty() && events.0.lock().unwrap().is_empty(), "a refused create left state or sent events");
+    }
+
+    #[test]
+    fn calls_on_unknown_tasks_are_not_found() {
+        let (sb, _) = sandbox();
+        let nf = |r: Result<(), TaskError>| assert!(matches!(r, Err(TaskError::NotFound(_))), "{r:?}");
+        nf(sb.start("nope", "").map(|_| ()));
+        nf(sb.pause("nope", true));
+        nf(sb.kill("nope", "", 9, false));
+        nf(sb.delete("nope", "").map(|_| ()));
+        nf(sb.wait("nope", "").map(|_| ()));
+        nf(sb.state("nope", "").map(|_| ()));
+        nf(sb.pids("nope").map(|_| ()));
+        nf(sb.stats("nope").map(|_| ()));
+        nf(sb.update("nope", b"{}".to_vec()));
+        nf(sb.resize_pty("nope", "", 80, 24));
+        nf(sb.close_stdin("nope", ""));
+        nf(sb.add_exec("nope", "e1", StdioPaths::default(), b"{}".to_vec()));
+        let e = sb.add_exec("nope", "", StdioPaths::default(), b"{}".to_vec()).unwrap_err();
+        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
     }
 }

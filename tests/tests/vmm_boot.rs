@@ -1,7 +1,8 @@
 //! wisp-vmm end to end: real guest kernel boots (emulated KVM host or hardware KVM),
 //! vCPUs, console, reboot, virtio-blk, virtio-vsock in both directions, virtio-fs
 //! (sharing both ways, host changes, read-only, confinement to the share, 256 MiB files,
-//! dd throughput per cache mode), the control API, and clean exits. Run through
+//! dd throughput per cache mode), virtio-net over a host tap (ping, TCP both ways, by
+//! name and as an inherited descriptor), the control API, and clean exits. Run through
 //! `make e2e` (inside `tests/kvmhost/run`).
 
 use std::io::{Read, Write};
@@ -461,6 +462,202 @@ fn host_secs(script: &str) -> anyhow::Result<f64> {
     ensure_that!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(t.elapsed().as_secs_f64())
 }
+/// A tap interface on this (the emulated) host for one network case; deleted when
+/// dropped, so every exit path of the case removes it.
+struct HostTap {
+    name: String,
+}
+
+impl HostTap {
+    /// A persistent tap `name` (`ip tuntap add`), given `cidr` and `mtu`, up.
+    fn create(name: &str, cidr: &str, mtu: u16) -> anyhow::Result<Self> {
+        // A tap left behind by a crashed run would make `add` fail.
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let tap = Self { name: name.to_string() };
+        tap.configure(cidr, mtu)?;
+        Ok(tap)
+    }
+
+    /// Addresses, MTU and link state of a tap that exists (also one another process made).
+    fn configure(&self, cidr: &str, mtu: u16) -> anyhow::Result<()> {
+        ip(&["link", "set", &self.name, "mtu", &mtu.to_string()])?;
+        ip(&["addr", "add", cidr, "dev", &self.name])?;
+        ip(&["link", "set", &self.name, "up"])
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        // Fails harmlessly when the tap already went away with its last descriptor.
+        let _ = Command::new("ip").args(["link", "del", &self.name]).output();
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    ensure_that!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
+}
+
+fn need_ip_and_tun() -> Option<String> {
+    if Command::new("ip").arg("-V").output().map(|o| !o.status.success()).unwrap_or(true) {
+        return Some("needs the ip command (iproute2)".into());
+    }
+    (!Path::new("/dev/net/tun").exists()).then(|| "needs /dev/net/tun (module tun)".to_string())
+}
+
+/// One network case's addresses and what crosses the link.
+struct NetCase {
+    /// The `--net` value.
+    net_arg: String,
+    mac: &'static str,
+    host_ip: &'static str,
+    guest_ip: &'static str,
+    /// The MTU the guest should report.
+    mtu: u16,
+    bytes: u64,
+}
+
+/// Boots the guest with the tap, then: the guest configures eth0 and pings the host;
+/// the host sends `bytes` of pattern over TCP to the guest (busybox `nc -l`), which
+/// stores and hashes them and sends them back over a second connection; the host checks
+/// every byte. Returns the console output.
+fn net_exchange(case: &NetCase) -> anyhow::Result<String> {
+    const TO_GUEST_PORT: u16 = 5000;
+    const TO_HOST_PORT: u16 = 5001;
+    let NetCase { host_ip, guest_ip, bytes, .. } = *case;
+    let listener =
+        std::net::TcpListener::bind((host_ip, TO_HOST_PORT)).context("listening on the host side of the tap")?;
+    let guest = format!(
+        "busybox ip link set eth0 up && busybox ip addr add {guest_ip}/24 dev eth0 && echo NET-UP-$((6*7)); \
+         echo GUEST-MAC=$(cat /sys/class/net/eth0/address) GUEST-MTU=$(cat /sys/class/net/eth0/mtu); \
+         busybox ping -c 3 -W 10 {host_ip} && echo PING-OK-$((6*7)); \
+         echo NC-LISTENING-$((6*7)); nc -l -p {TO_GUEST_PORT} > /tmp/in; echo RECEIVED=$(wc -c < /tmp/in); sha256sum /tmp/in; \
+         nc {host_ip} {TO_HOST_PORT} < /tmp/in; echo SENT-BACK=$?"
+    );
+    let mut c = vmm_cmd(&guest);
+    c.arg("--net").arg(&case.net_arg);
+    let mut vm = Watched::spawn("wisp-vmm", &mut c)?;
+    vm.wait_for("NC-LISTENING-42", BOOT_TIMEOUT)?;
+    let so_far = vm.output();
+    let seen = guest_part(&so_far);
+    ensure_that!(seen.contains("NET-UP-42"), "eth0 did not come up:\n{so_far}");
+    ensure_that!(seen.contains(&format!("GUEST-MAC={}", case.mac)), "the guest's MAC is not {}:\n{so_far}", case.mac);
+    ensure_that!(seen.contains(&format!("GUEST-MTU={}", case.mtu)), "the guest's MTU is not {}:\n{so_far}", case.mtu);
+    ensure_that!(seen.contains("PING-OK-42"), "the guest could not ping the host:\n{so_far}");
+
+    // Host to guest: the guest's nc listens (shortly after it says so).
+    let addr: std::net::SocketAddr = format!("{guest_ip}:{TO_GUEST_PORT}").parse()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut conn = loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => bail!("cannot connect to the guest at {addr}: {e}\n{}", vm.output()),
+        }
+    };
+    conn.set_write_timeout(Some(STALL_TIMEOUT))?;
+    let mut data = vec![0u8; bytes as usize];
+    pattern(&mut data, 0);
+    let want_sha = sha256(&data)?;
+    let t = std::time::Instant::now();
+    conn.write_all(&data)?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    conn.set_read_timeout(Some(STALL_TIMEOUT))?;
+    // The guest's nc closes once it has everything.
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest)?;
+    let to_guest = t.elapsed().as_secs_f64();
+    drop(conn);
+
+    // Guest to host: the same bytes come back. Checked after the clock stops: the check
+    // runs in this debug-built test under emulation and would dominate the time.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = (|| -> anyhow::Result<(Vec<u8>, f64)> {
+            let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(STALL_TIMEOUT))?;
+            let t = std::time::Instant::now();
+            let mut back = Vec::with_capacity(bytes as usize);
+            s.read_to_end(&mut back)?;
+            Ok((back, t.elapsed().as_secs_f64()))
+        })();
+        let _ = tx.send(r);
+    });
+    let (back, to_host) =
+        rx.recv_timeout(BOOT_TIMEOUT).context("the guest never connected back or never finished")??;
+    ensure_that!(back.len() as u64 == bytes, "the host got {} bytes back, sent {bytes}", back.len());
+    if back != data {
+        let bad = back.iter().zip(&data).position(|(a, b)| a != b).unwrap_or_default();
+        bail!("byte {bad} from the guest differs from what the host sent");
+    }
+    let all = expect_clean_exit(&mut vm)?;
+    let out = guest_part(&all);
+    ensure_that!(out.contains(&format!("RECEIVED={bytes}")), "the guest did not receive {bytes} bytes:\n{out}");
+    ensure_that!(out.contains(&want_sha), "the guest received different bytes (want sha256 {want_sha}):\n{out}");
+    ensure_that!(out.contains("SENT-BACK=0"), "the guest's send failed:\n{out}");
+    let mib = bytes as f64 / MIB as f64;
+    println!(
+        "  {mib:.0} MiB host->guest in {to_guest:.2}s ({:.1} MiB/s), guest->host in {to_host:.2}s ({:.1} MiB/s) (emulated host)",
+        mib / to_guest,
+        mib / to_host
+    );
+    Ok(all)
+}
+
+fn net_tap_by_name_ping_and_16mib_tcp_both_ways() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm(), need_root(), need_ip_and_tun());
+    let _tap = HostTap::create("wtap0", "10.203.0.1/24", 1500)?;
+    let mac = "02:77:69:73:70:01";
+    net_exchange(&NetCase {
+        net_arg: format!("tap=wtap0,mac={mac}"),
+        mac,
+        host_ip: "10.203.0.1",
+        guest_ip: "10.203.0.2",
+        mtu: 1500,
+        bytes: 16 * MIB,
+    })?;
+    Ok(Outcome::Passed)
+}
+
+/// The shim's way: it opens the tap itself and passes the descriptor.
+fn net_inherited_tap_fd_with_mtu() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm(), need_root(), need_ip_and_tun());
+    use std::os::fd::AsRawFd;
+    // The tap exists while a descriptor is open on it: this one, then the VMM's copy.
+    let _ = Command::new("ip").args(["link", "del", "wtap1"]).output();
+    let tap = wisp_vmm::devices::virtio::net::Tap::open("wtap1")?;
+    let host = HostTap { name: "wtap1".into() };
+    host.configure("10.203.1.1/24", 1400)?;
+    let fd = tap.as_raw_fd();
+    // SAFETY: F_SETFD on our own open descriptor: let the VMM inherit it.
+    ensure_that!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0, "cannot clear close-on-exec");
+    let mac = "02:77:69:73:70:2a";
+    net_exchange(&NetCase {
+        net_arg: format!("fd={fd},mac={},mtu=1400", mac.to_uppercase()),
+        mac,
+        host_ip: "10.203.1.1",
+        guest_ip: "10.203.1.2",
+        mtu: 1400,
+        bytes: 2 * MIB,
+    })?;
+    drop(tap);
+    // A descriptor that is not a tap is refused with a message naming it.
+    let file = std::fs::File::open("/dev/null")?;
+    let fd = file.as_raw_fd();
+    // SAFETY: as above.
+    ensure_that!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0, "cannot clear close-on-exec");
+    let out = Command::new(vmm_bin())
+        .args(["--kernel", &artifact("guest/vmlinux").display().to_string(), "--net"])
+        .arg(format!("fd={fd},mac={mac}"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure_that!(!out.status.success(), "wisp-vmm accepted /dev/null as a tap");
+    ensure_that!(err.contains(&format!("descriptor {fd} is not an attached tun/tap queue")), "unclear error: {err}");
+    Ok(Outcome::Passed)
+}
+
 fn main() {
     Suite::new("vmm_boot")
         .case("refuses_a_file_that_is_not_a_kernel", refuses_a_file_that_is_not_a_kernel)
@@ -480,5 +677,7 @@ fn main() {
         .case("virtiofs_guest_cannot_reach_outside_the_share", virtiofs_guest_cannot_reach_outside_the_share)
         .case("virtiofs_read_only_share_refuses_writes", virtiofs_read_only_share_refuses_writes)
         .case("virtiofs_256mib_file_both_ways", virtiofs_256mib_file_both_ways)
+        .case("net_tap_by_name_ping_and_16mib_tcp_both_ways", net_tap_by_name_ping_and_16mib_tcp_both_ways)
+        .case("net_inherited_tap_fd_with_mtu", net_inherited_tap_fd_with_mtu)
         .run()
 }

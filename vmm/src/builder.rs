@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::legacy::{BootMarker, BootTimeline, I8042, Milestone, SerialConsole};
 pub use crate::devices::virtio::fs::{CacheMode, SharedDirConfig};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, Tap, TapLink};
 use crate::devices::virtio::VirtioDevice;
 use crate::vstate::vcpu::{Vcpu, VcpuSet};
 use crate::vstate::vm::Vm;
@@ -46,6 +48,26 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// The host end of a network device: a tap queue opened with IFF_TAP | IFF_NO_PI |
+/// IFF_VNET_HDR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A tap descriptor the caller opened and passed to the VMM (inherited).
+    Fd(RawFd),
+    /// A tap interface the VMM attaches to by name, creating it if it does not exist.
+    Name(String),
+}
+
+/// One virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+    /// The MTU the guest driver uses (VIRTIO_NET_F_MTU); `None` leaves it at 1500.
+    pub mtu: Option<u16>,
+}
+
 /// Everything needed to start a VM; the `wisp-vmm` command line maps onto it.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -62,6 +84,8 @@ pub struct VmConfig {
     pub shared_dirs: Vec<SharedDirConfig>,
     /// virtio-rng is on unless turned off.
     pub rng: bool,
+    /// Network devices, one each: eth0, eth1, ... in this order.
+    pub nets: Vec<NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +180,7 @@ impl MicroVm {
             )));
         }
         boot::check_images(&config.kernel, config.initrd.as_deref())?;
+        let nets = Self::open_nets(&config.nets)?;
         let mem_bytes = config.memory_mib << 20;
         let vm = Vm::new(mem_bytes)?;
         timeline.record(Milestone::KvmReady);
@@ -191,6 +216,9 @@ impl MicroVm {
                 .map_err(|e| StartError::Device { device: name.clone(), reason: e.to_string() })?;
             setup.attach(&name, dev)?;
         }
+        for (name, dev) in nets {
+            setup.attach(&name, dev)?;
+        }
         if !config.extra_cmdline.trim().is_empty() {
             setup
                 .cmdline
@@ -224,6 +252,43 @@ impl MicroVm {
         let vcpus = VcpuSet::start(vcpus, Arc::new(pio), Arc::new(mmio), exits_tx.clone())?;
         timeline.record(Milestone::VcpusStarted);
         Ok(Self { vcpus: Arc::new(vcpus), vcpu_count: config.vcpus, exits_rx, exits_tx, timeline, vm })
+    }
+
+    /// Opens (or takes over) every network device's tap before anything else opens files:
+    /// inherited descriptors first, so a tap this process opens by name can never get
+    /// the number of a descriptor the caller meant to pass.
+    fn open_nets(nets: &[NetConfig]) -> Result<Vec<(String, Net)>, StartError> {
+        let mut taps: Vec<Option<Tap>> = nets.iter().map(|_| None).collect();
+        for (i, n) in nets.iter().enumerate() {
+            if let NetBackend::Fd(fd) = n.backend {
+                if nets[..i].iter().any(|m| m.backend == n.backend) {
+                    return Err(StartError::Config(format!("network device {i}: tap descriptor {fd} is used twice")));
+                }
+                let tap = Tap::from_inherited_fd(fd)
+                    .map_err(|e| StartError::Device { device: format!("net{i} (fd {fd})"), reason: e.to_string() })?;
+                taps[i] = Some(tap);
+            }
+        }
+        for (i, n) in nets.iter().enumerate() {
+            if let NetBackend::Name(name) = &n.backend {
+                let tap = Tap::open(name).map_err(|e| StartError::Device {
+                    device: format!("net{i} (tap {name})"),
+                    reason: e.to_string(),
+                })?;
+                taps[i] = Some(tap);
+            }
+        }
+        nets.iter()
+            .zip(taps)
+            .enumerate()
+            .map(|(i, (n, tap))| {
+                let tap = tap.ok_or_else(|| StartError::Config(format!("network device {i} has no tap")))?;
+                let name = format!("net{i} ({})", tap.label());
+                let net = Net::new(Box::new(tap), n.mac, n.mtu)
+                    .map_err(|e| StartError::Device { device: name.clone(), reason: e.to_string() })?;
+                Ok((name, net))
+            })
+            .collect()
     }
 
     fn legacy_devices(vm: &Vm, config: &VmConfig, exits: &Sender<VmExit>, timeline: &BootTimeline) -> Result<Bus, StartError> {

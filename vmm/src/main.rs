@@ -1,13 +1,15 @@
 //! `wisp-vmm`: start one micro-VM and run it until the guest reboots or powers off.
 //! Exit status 0 when the guest ends it; otherwise non-zero with a one-line reason.
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use wisp_vmm::builder::{CacheMode, SharedDirConfig};
+use wisp_vmm::builder::{CacheMode, NetBackend, NetConfig, SharedDirConfig};
 use wisp_vmm::devices::virtio::fs::{validate_tag, MAX_REQUEST_QUEUES};
+use wisp_vmm::devices::virtio::net::{valid_ifname, MacAddr, MAX_IFNAME_LEN, MIN_MTU};
 use wisp_vmm::{ConsoleOutput, DiskConfig, MicroVm, VmConfig, VmExit, VsockConfig};
 
 #[derive(Parser, Debug)]
@@ -42,6 +44,11 @@ struct Args {
     /// the guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable, one device each.
     #[arg(long = "shared-dir")]
     shared_dirs: Vec<String>,
+    /// A network device on a tap: `fd=N,mac=AA:BB:CC:DD:EE:FF[,mtu=M]` with an inherited tap
+    /// descriptor N (opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), or `tap=NAME,mac=...[,mtu=M]`
+    /// to attach to (or create) the tap NAME. Repeatable: eth0, eth1, ...
+    #[arg(long = "net")]
+    nets: Vec<String>,
     /// Disable the virtio-rng entropy device.
     #[arg(long = "no-rng")]
     no_rng: bool,
@@ -100,6 +107,67 @@ fn parse_shared_dir(s: &str) -> Result<SharedDirConfig, String> {
     Ok(dir)
 }
 
+const NET_SYNTAX: &str = "fd=N,mac=AA:BB:CC:DD:EE:FF[,mtu=M] or tap=NAME,mac=AA:BB:CC:DD:EE:FF[,mtu=M]";
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let err = |what: String| format!("--net {s}: {what}");
+    let (mut backend, mut mac, mut mtu) = (None, None, None);
+    for part in s.split(',') {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(err(format!("'{part}' is not KEY=VALUE (expected {NET_SYNTAX})")));
+        };
+        match key {
+            "fd" | "tap" if backend.is_some() => return Err(err(format!("'{part}': give one fd= or tap=, once"))),
+            "fd" => {
+                let fd = value
+                    .parse::<u32>()
+                    .ok()
+                    .and_then(|fd| RawFd::try_from(fd).ok())
+                    .ok_or_else(|| err(format!("fd={value}: not a descriptor number")))?;
+                if fd <= 2 {
+                    return Err(err(format!("fd={value}: descriptors 0 to 2 are stdin, stdout and stderr, not a tap")));
+                }
+                backend = Some(NetBackend::Fd(fd));
+            }
+            "tap" => {
+                if !valid_ifname(value) {
+                    return Err(err(format!(
+                        "tap={value}: not an interface name (1 to {MAX_IFNAME_LEN} bytes, no '/', ':' or whitespace)"
+                    )));
+                }
+                backend = Some(NetBackend::Name(value.to_string()));
+            }
+            "mac" if mac.is_some() => return Err(err("mac= is given twice".into())),
+            "mac" => mac = Some(MacAddr::parse(value).map_err(|e| err(format!("mac: {e}")))?),
+            "mtu" if mtu.is_some() => return Err(err("mtu= is given twice".into())),
+            "mtu" => {
+                let m = value.parse::<u16>().ok().filter(|&m| m >= MIN_MTU);
+                mtu = Some(m.ok_or_else(|| err(format!("mtu={value}: use {MIN_MTU} to 65535")))?);
+            }
+            _ => return Err(err(format!("unknown option '{part}' (expected {NET_SYNTAX})"))),
+        }
+    }
+    let backend = backend.ok_or_else(|| err(format!("no tap given (expected {NET_SYNTAX})")))?;
+    let mac = mac.ok_or_else(|| err(format!("no mac= given (expected {NET_SYNTAX})")))?;
+    Ok(NetConfig { backend, mac: mac.0, mtu })
+}
+
+/// Every `--net fd=N` descriptor must have been passed to us open: checked before the
+/// VMM opens anything itself, so a missing one is reported as such.
+fn check_inherited_fds(nets: &[NetConfig]) -> Result<(), String> {
+    for n in nets {
+        if let NetBackend::Fd(fd) = n.backend {
+            // SAFETY: F_GETFD only reads the descriptor flags; an unused number fails.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(format!(
+                    "--net fd={fd}: descriptor {fd} is not open in wisp-vmm (the caller must pass the tap descriptor inherited)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn config_from(args: &Args) -> Result<VmConfig, String> {
     let console = match args.console.as_str() {
         "off" => ConsoleOutput::Off,
@@ -112,6 +180,16 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     for (i, dir) in shared_dirs.iter().enumerate() {
         if shared_dirs[..i].iter().any(|d| d.tag == dir.tag) {
             return Err(format!("--shared-dir: tag '{}' is used twice; each share needs its own tag", dir.tag));
+        }
+    }
+    let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>, _>>()?;
+    for (i, net) in nets.iter().enumerate() {
+        if nets[..i].iter().any(|n| n.backend == net.backend) {
+            let which = match &net.backend {
+                NetBackend::Fd(fd) => format!("fd={fd}"),
+                NetBackend::Name(name) => format!("tap={name}"),
+            };
+            return Err(format!("--net: {which} is used twice; each device needs its own tap"));
         }
     }
     if args.vsock_cid < 3 || args.vsock_cid > u64::from(u32::MAX) - 1 {
@@ -128,6 +206,7 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         disks,
         shared_dirs,
         rng: !args.no_rng,
+        nets,
     })
 }
 
@@ -165,7 +244,7 @@ fn main() -> ExitCode {
         .unwrap_or(log::LevelFilter::Warn);
     wisp_vmm::logger::init(level, start);
 
-    let config = match config_from(&args) {
+    let config = match config_from(&args).and_then(|c| check_inherited_fds(&c.nets).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("wisp-vmm: {e}");
@@ -278,6 +357,73 @@ mod tests {
         assert_eq!(config_from(&a).unwrap().shared_dirs.len(), 1);
         a.shared_dirs.push(format!("t={p},ro"));
         assert!(config_from(&a).unwrap_err().contains("tag 't' is used twice"));
+    }
+
+    #[test]
+    fn net_option_parsing() {
+        let mac = [0x02, 0xaa, 0xbb, 0, 0, 0x01];
+        let n = parse_net("fd=7,mac=02:AA:bb:00:00:01").unwrap();
+        assert_eq!(n, NetConfig { backend: NetBackend::Fd(7), mac, mtu: None });
+        let n = parse_net("tap=wtap0,mac=02:aa:bb:00:00:01,mtu=9000").unwrap();
+        assert_eq!(n, NetConfig { backend: NetBackend::Name("wtap0".into()), mac, mtu: Some(9000) });
+        assert_eq!(parse_net("mtu=68,mac=02:aa:bb:00:00:01,fd=3").unwrap().mtu, Some(68));
+        assert_eq!(parse_net("fd=3,mac=02:aa:bb:00:00:01,mtu=65535").unwrap().mtu, Some(65535));
+
+        let m = "mac=02:00:00:00:00:01";
+        let cases = [
+            (format!("fd=x,{m}"), "fd=x: not a descriptor number"),
+            (format!("fd=-1,{m}"), "fd=-1: not a descriptor number"),
+            (format!("fd=99999999999,{m}"), "fd=99999999999: not a descriptor number"),
+            (format!("fd=1,{m}"), "fd=1: descriptors 0 to 2"),
+            (format!("tap=a/b,{m}"), "tap=a/b: not an interface name"),
+            (format!("tap=,{m}"), "tap=: not an interface name"),
+            (format!("tap=0123456789abcdef,{m}"), "tap=0123456789abcdef: not an interface name"),
+            ("fd=3".to_string(), "no mac= given"),
+            (m.to_string(), "no tap given"),
+            (format!("fd=3,tap=x,{m}"), "'tap=x': give one fd= or tap="),
+            (format!("fd=3,fd=4,{m}"), "'fd=4': give one fd= or tap="),
+            (format!("fd=3,{m},{m}"), "mac= is given twice"),
+            ("fd=3,mac=02:00:00:00:00".to_string(), "mac: '02:00:00:00:00' is not a MAC address"),
+            ("fd=3,mac=02:00:00:00:00:0g".to_string(), "'02:00:00:00:00:0g' is not a MAC address"),
+            ("fd=3,mac=02-00-00-00-00-01".to_string(), "is not a MAC address"),
+            ("fd=3,mac=2:0:0:0:0:1".to_string(), "is not a MAC address"),
+            ("fd=3,mac=03:00:00:00:00:01".to_string(), "multicast"),
+            ("fd=3,mac=00:00:00:00:00:00".to_string(), "all-zero"),
+            (format!("fd=3,{m},mtu=67"), "mtu=67: use 68 to 65535"),
+            (format!("fd=3,{m},mtu=65536"), "mtu=65536: use 68 to 65535"),
+            (format!("fd=3,{m},mtu="), "mtu=: use 68 to 65535"),
+            (format!("fd=3,{m},mtu=1500,mtu=1500"), "mtu= is given twice"),
+            (format!("fd=3,{m},bogus=1"), "unknown option 'bogus=1'"),
+            (format!("fd=3,{m},ro"), "'ro' is not KEY=VALUE"),
+            (String::new(), "'' is not KEY=VALUE"),
+        ];
+        for (arg, want) in cases {
+            let e = parse_net(&arg).unwrap_err();
+            assert!(e.contains(want), "{arg}: {e}");
+            assert!(e.starts_with(&format!("--net {arg}: ")), "{arg}: {e}");
+            assert_eq!(e.lines().count(), 1, "{arg}: {e}");
+        }
+
+        let mut a = Args::parse_from(["wisp-vmm", "--kernel", "k", "--net", "fd=5,mac=02:00:00:00:00:01"]);
+        a.nets.push("tap=wtap0,mac=02:00:00:00:00:02".into());
+        assert_eq!(config_from(&a).unwrap().nets.len(), 2);
+        a.nets.push("fd=5,mac=02:00:00:00:00:03".into());
+        assert!(config_from(&a).unwrap_err().contains("fd=5 is used twice"));
+        a.nets.pop();
+        a.nets.push("tap=wtap0,mac=02:00:00:00:00:03".into());
+        assert!(config_from(&a).unwrap_err().contains("tap=wtap0 is used twice"));
+    }
+
+    #[test]
+    fn inherited_net_descriptors_must_be_open() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let net = |fd| NetConfig { backend: NetBackend::Fd(fd), mac: [2, 0, 0, 0, 0, 1], mtu: None };
+        use std::os::fd::AsRawFd;
+        assert!(check_inherited_fds(&[net(file.as_raw_fd())]).is_ok());
+        let e = check_inherited_fds(&[net(file.as_raw_fd()), net(1_000_000)]).unwrap_err();
+        assert!(e.contains("--net fd=1000000: descriptor 1000000 is not open"), "{e}");
+        let by_name = NetConfig { backend: NetBackend::Name("x".into()), mac: [2, 0, 0, 0, 0, 1], mtu: None };
+        assert!(check_inherited_fds(&[by_name]).is_ok());
     }
 
     #[test]

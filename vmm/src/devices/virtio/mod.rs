@@ -88,6 +88,7 @@ pub trait VirtioDevice: Send {
 }
 pub mod block;
 pub mod fs;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 

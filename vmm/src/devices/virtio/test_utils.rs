@@ -96,6 +96,11 @@ impl<'a> GuestQueue<'a> {
         self.mock.avail().idx().store(idx.wrapping_add(1));
     }
 
+    /// Overwrites the avail ring's idx, as a broken or hostile driver could.
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.mock.avail().idx().store(idx);
+    }
+
     /// The used ring's idx: how many chains the device has returned so far.
     pub fn used_idx(&self) -> u16 {
         self.mock.used().idx().load()

@@ -117,7 +117,9 @@ impl Block {
                 log::error!("virtio-blk {}: cannot update the used ring flags: {e}", disk.path().display());
                 break;
             }
+            let mut popped = 0usize;
             while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+                popped += 1;
                 let head = chain.head_index();
                 let used_len = serve_request(disk, mem, chain, warnings);
                 match active.queue.add_used(mem, head, used_len) {
@@ -132,7 +134,13 @@ impl Block {
                 }
             }
             match active.queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if popped > 0 => continue,
+                // The avail index claims requests that cannot be popped (a corrupt
+                // ring): stop instead of spinning; the next kick tries again.
+                Ok(true) => {
+                    warnings.warn(format_args!("virtio-blk {}: the avail ring index is inconsistent; waiting for a kick", disk.path().display()));
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     log::error!("virtio-blk {}: cannot re-enable queue notifications: {e}", disk.path().display());
@@ -413,6 +421,22 @@ mod tests {
         fn last_used(&self) -> (u32, u32) {
             self.gq.used(self.gq.used_idx().wrapping_sub(1))
         }
+    }
+
+    #[test]
+    fn a_corrupt_avail_index_does_not_spin_the_device() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mem = guest_memory();
+            let image = tempfile::NamedTempFile::new().unwrap();
+            image.as_file().set_len(4096).unwrap();
+            let mut rig = Rig::new(&mem, &image, false);
+            rig.gq.set_avail_idx(1000);
+            rig.block.handle_queue_event();
+            let _ = tx.send(rig.gq.used_idx());
+        });
+        let used = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the device spins on a corrupt ring");
+        assert_eq!(used, 0);
     }
 
     #[test]

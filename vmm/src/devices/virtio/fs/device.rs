@@ -133,7 +133,9 @@ impl SharedDir {
                 log::error!("virtio-fs {tag}: queue {index}: cannot update the used ring flags: {e}");
                 break;
             }
+            let mut popped = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped += 1;
                 let head = chain.head_index();
                 let served = request::serve(server, mem, chain);
                 if let Some(problem) = served.problem {
@@ -150,7 +152,13 @@ impl SharedDir {
                 }
             }
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if popped > 0 => continue,
+                // The avail index claims requests that cannot be popped (a corrupt
+                // ring): stop instead of spinning; the next kick tries again.
+                Ok(true) => {
+                    warnings.warn(format_args!("virtio-fs {tag}: queue {index}: the avail ring index is inconsistent; waiting for a kick"));
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     log::error!("virtio-fs {tag}: queue {index}: cannot re-enable notifications: {e}");

@@ -95,7 +95,9 @@ impl Rng {
                 log::error!("virtio-rng: cannot update the used ring flags: {e}");
                 break;
             }
+            let mut popped = 0usize;
             while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+                popped += 1;
                 let head = chain.head_index();
                 let written = fill_request(mem, chain, bounce, warnings);
                 match active.queue.add_used(mem, head, written) {
@@ -110,7 +112,13 @@ impl Rng {
                 }
             }
             match active.queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if popped > 0 => continue,
+                // The avail index claims requests that cannot be popped (a corrupt
+                // ring): stop instead of spinning; the next kick tries again.
+                Ok(true) => {
+                    warnings.warn(format_args!("virtio-rng: the avail ring index is inconsistent; waiting for a kick"));
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     log::error!("virtio-rng: cannot re-enable queue notifications: {e}");
@@ -304,6 +312,21 @@ mod tests {
         // Nothing new: no interrupt.
         rng.handle_queue_event();
         assert_eq!(irq.take(), vec![]);
+    }
+
+    #[test]
+    fn a_corrupt_avail_index_does_not_spin_the_device() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mem = guest_memory();
+            let gq = GuestQueue::new(&mem, QUEUE_SIZE);
+            let (mut rng, _irq) = active_rng(&gq, &mem);
+            gq.set_avail_idx(1000);
+            rng.handle_queue_event();
+            let _ = tx.send(gq.used_idx());
+        });
+        let used = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the device spins on a corrupt ring");
+        assert_eq!(used, 0);
     }
 
     #[test]

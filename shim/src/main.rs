@@ -8,6 +8,7 @@ mod events;
 mod io;
 mod metrics;
 mod mounts;
+mod network;
 mod options;
 mod sandbox;
 mod service;

@@ -25,6 +25,7 @@ use crate::container::{Action, Container, Exit, Process, Status};
 use crate::events::EventSink;
 use crate::io::{ProcessIo, StdioPaths};
 use crate::mounts::ContainerMounts;
+use crate::network::{self, PodNetwork};
 use crate::spec::{BundleSpec, GUEST_SHARED_DIR};
 use crate::vm::{SandboxPaths, VmmProcess};
 
@@ -59,6 +60,43 @@ struct Guest {
     agent: Arc<Agent>,
     paths: SandboxPaths,
     grace: Duration,
+    /// The taps and tc plumbing in the pod's network namespace, if it has one.
+    net: Option<PodNetwork>,
+}
+
+/// How much of the guest console an unexpected VM end copies into the shim's log.
+const CONSOLE_TAIL_LINES: usize = 40;
+
+/// What `boot` has set up so far. Dropped before `finish`, it undoes all of it: stops
+/// the VMM, then tears the pod network down, then removes the state directory.
+struct Booting {
+    paths: SandboxPaths,
+    net: Option<PodNetwork>,
+    vm: Option<Arc<VmmProcess>>,
+    armed: bool,
+}
+
+impl Booting {
+    /// Boot succeeded: nothing is undone; the network is the sandbox's now.
+    fn finish(mut self) -> Option<PodNetwork> {
+        self.armed = false;
+        self.net.take()
+    }
+}
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(vm) = self.vm.take() {
+            vm.stop(Duration::ZERO);
+        }
+        if let Some(mut net) = self.net.take() {
+            net.teardown();
+        }
+        remove_state_dir(&self.paths.dir);
+    }
 }
 
 #[derive(Default)]
@@ -108,6 +146,7 @@ impl Sandbox {
     // ---- the VM ----
 
     fn boot(&self, config: Config, spec: &BundleSpec) -> Result<(), TaskError> {
+        let netns = network::netns_path(&spec.json).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let paths = SandboxPaths::new(&config.runtime.state_dir, &self.id);
         if paths.dir.exists() {
             return Err(TaskError::AlreadyExists(format!(
@@ -116,28 +155,33 @@ impl Sandbox {
                 self.id
             )));
         }
-        std::fs::create_dir_all(paths.shared()).map_err(|e| internal(format!("creating {}: {e}", paths.shared().display())))?;
+        std::fs::create_dir_all(paths.shared())
+            .map_err(|e| internal(format!("creating {}: {e}", paths.shared().display())))?;
+        // From here on, dropping `b` undoes everything done so far.
+        let mut b = Booting { paths: paths.clone(), net: None, vm: None, armed: true };
+        if let Some(netns) = &netns {
+            b.net = Some(PodNetwork::setup(netns).map_err(|e| internal(format!("setting up the pod network: {e}")))?);
+        }
         let me = self.me.clone();
-        let vm = match VmmProcess::start(&config, &paths, Box::new(move |why| {
+        let on_exit = Box::new(move |why| {
             if let Some(sb) = me.upgrade() {
                 sb.vm_ended(why);
             }
-        })) {
-            Ok(vm) => Arc::new(vm),
-            Err(e) => {
-                remove_state_dir(&paths.dir);
-                return Err(internal(e));
-            }
-        };
+        });
+        let devices = b.net.as_ref().map(PodNetwork::vmm_devices).unwrap_or_default();
+        let vm = Arc::new(VmmProcess::start(&config, &paths, &devices, on_exit).map_err(internal)?);
+        drop(devices);
+        b.vm = Some(vm.clone());
         let a = &config.agent;
-        let agent = match Agent::connect(&paths.vsock(), a.dial_attempt_timeout(), a.dial_timeout(), a.rpc_timeout(), &|| vm.exited()) {
-            Ok(agent) => Arc::new(agent),
-            Err(e) => {
-                vm.stop(Duration::ZERO);
-                remove_state_dir(&paths.dir);
-                return Err(internal(format!("starting the pod's VM: {e}")));
+        let vm_gone = || vm.exited();
+        let agent =
+            Agent::connect(&paths.vsock(), a.dial_attempt_timeout(), a.dial_timeout(), a.rpc_timeout(), &vm_gone);
+        let agent = Arc::new(agent.map_err(|e| {
+            if let Some(tail) = console_tail(&paths) {
+                log::warn!("sandbox {}: the agent never answered; last guest console lines:\n{tail}", self.id);
             }
-        };
+            internal(format!("starting the pod's VM: {e}"))
+        })?);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let req = agent::CreateSandboxRequest {
             sandbox_id: self.id.clone(),
@@ -148,13 +192,13 @@ impl Sandbox {
             guest_time_nsec: now.subsec_nanos(),
             ..Default::default()
         };
-        if let Err(e) = agent.client.create_sandbox(agent.ctx(), &req) {
-            vm.stop(Duration::ZERO);
-            remove_state_dir(&paths.dir);
-            return Err(internal(call_error("CreateSandbox", e)));
+        agent.client.create_sandbox(agent.ctx(), &req).map_err(|e| internal(call_error("CreateSandbox", e)))?;
+        if let Some(net) = &b.net {
+            configure_guest_network(&agent, net)?;
         }
+        let net = b.finish();
         let grace = config.runtime.shutdown_grace();
-        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace });
+        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace, net });
         self.watch_oom(agent);
         Ok(())
     }
@@ -180,6 +224,11 @@ impl Sandbox {
             return;
         }
         log::warn!("sandbox {}: the VM ended: {why}", self.id);
+        // With `debug` on, the guest's last console lines say why (panic, reset), and
+        // the state directory holding them goes with the sandbox: keep them in the log.
+        if let Some(tail) = st.guest.as_ref().and_then(|g| console_tail(&g.paths)) {
+            log::warn!("sandbox {}: last guest console lines:\n{tail}", self.id);
+        }
         st.vm_gone = Some(why);
         let mut exits = Vec::new();
         for c in st.containers.values_mut() {
@@ -209,6 +258,10 @@ impl Sandbox {
                 let _ = g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new());
             }
             g.vm.stop(g.grace);
+            // After the VMM, which holds the taps, is gone.
+            if let Some(mut net) = g.net {
+                net.teardown();
+            }
             remove_state_dir(&g.paths.dir);
         }
     }
@@ -580,6 +633,35 @@ impl Sandbox {
         self.done.set(0);
         self.done.notify();
     }
+}
+
+/// The end of the guest console log (written only with `debug` on).
+fn console_tail(paths: &SandboxPaths) -> Option<String> {
+    let text = std::fs::read_to_string(paths.console()).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    Some(lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n"))
+}
+
+/// Gives the guest the pod's interfaces (matched by MAC: the VMM gave each NIC its
+/// interface's MAC) and then its routes.
+fn configure_guest_network(agent: &Agent, net: &PodNetwork) -> Result<(), TaskError> {
+    for iface in net.interfaces() {
+        let what = format!("configuring the guest's {} ({})", iface.name, iface.mac);
+        let interface = protobuf::MessageField::some(iface);
+        let req = agent::UpdateInterfaceRequest { interface, ..Default::default() };
+        if let Err(e) = agent.client.update_interface(agent.ctx(), &req) {
+            return Err(internal(format!("{what}: {}", call_error("UpdateInterface", e))));
+        }
+    }
+    let routes = net.routes();
+    if !routes.is_empty() {
+        let what = format!("adding the pod's {} routes in the guest", routes.len());
+        let req = agent::UpdateRoutesRequest { routes, ..Default::default() };
+        if let Err(e) = agent.client.update_routes(agent.ctx(), &req) {
+            return Err(internal(format!("{what}: {}", call_error("UpdateRoutes", e))));
+        }
+    }
+    Ok(())
 }
 
 pub fn timestamp(t: SystemTime) -> protobuf::well_known_types::timestamp::Timestamp {

@@ -51,7 +51,11 @@ impl containerd_shim::Shim for WispShim {
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let sid = sandbox_id_from_bundle(&self.id);
         let dir = state_dir().join(&sid);
-        if dir.exists() {
+        // containerd 1.6 runs `delete` for every task whose connection closed, also
+        // right after a normal Delete ("shim disconnected"). Only the sandbox container's
+        // own delete may clean up the pod: a member's must not tear down the VM that the
+        // live shim still runs the pod's other containers in.
+        if sid == self.id && dir.exists() {
             log::warn!("cleaning up after a dead shim: {}", dir.display());
             crate::cleanup::cleanup_sandbox_dir(&dir);
         }

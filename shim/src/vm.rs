@@ -3,6 +3,8 @@
 //! the shim log, and stopped through its control API with a kill as the last resort.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,6 +22,8 @@ const STDERR_LINES_KEPT: usize = 20;
 pub enum VmError {
     #[error("starting {path}: {source}")]
     Spawn { path: String, source: std::io::Error },
+    #[error("passing tap fd {fd} to the VMM: {source}")]
+    NetFd { fd: RawFd, source: std::io::Error },
     #[error("control API of the VMM: {0}")]
     Api(String),
 }
@@ -51,6 +55,41 @@ impl SandboxPaths {
     }
 }
 
+/// A tap for one of the VM's virtio-net devices: the fd (opened with IFF_TAP, IFF_NO_PI
+/// and IFF_VNET_HDR), and the MAC and MTU of the guest NIC.
+pub struct NetDevice<'a> {
+    pub tap: BorrowedFd<'a>,
+    pub mac: String,
+    pub mtu: u32,
+}
+
+/// wisp-vmm's `--net` value for a tap that is fd `fd` in the VMM.
+pub fn net_arg(fd: RawFd, mac: &str, mtu: u32) -> String {
+    if mtu == 0 {
+        format!("fd={fd},mac={mac}")
+    } else {
+        format!("fd={fd},mac={mac},mtu={mtu}")
+    }
+}
+
+/// Copies of the taps for the child: close-on-exec here (so no other child inherits
+/// them), numbered 3 or more (the child's stdio setup owns 0-2); the child clears
+/// close-on-exec on exactly these numbers, so the VMM sees them under the same numbers.
+fn inheritable_taps(net: &[NetDevice<'_>]) -> Result<Vec<OwnedFd>, VmError> {
+    net.iter()
+        .map(|n| {
+            let fd = n.tap.as_raw_fd();
+            // SAFETY: F_DUPFD_CLOEXEC on a valid borrowed fd; the new fd is ours alone.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if dup < 0 {
+                return Err(VmError::NetFd { fd, source: std::io::Error::last_os_error() });
+            }
+            // SAFETY: `dup` was just returned by fcntl and nothing else owns it.
+            Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct ExitState {
     status: Option<String>,
@@ -65,8 +104,14 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts wisp-vmm; `on_exit` runs on the watcher thread when the process ends.
-    pub fn start(config: &Config, paths: &SandboxPaths, on_exit: Box<dyn FnOnce(String) + Send>) -> Result<Self, VmError> {
+    /// Starts wisp-vmm with a virtio-net device per tap in `net`; `on_exit` runs on the
+    /// watcher thread when the process ends.
+    pub fn start(
+        config: &Config,
+        paths: &SandboxPaths,
+        net: &[NetDevice<'_>],
+        on_exit: Box<dyn FnOnce(String) + Send>,
+    ) -> Result<Self, VmError> {
         let h = &config.hypervisor;
         let mut cmd = Command::new(&h.path);
         cmd.arg("--kernel").arg(&h.kernel);
@@ -84,9 +129,31 @@ impl VmmProcess {
         if !h.kernel_params.is_empty() {
             cmd.arg(format!("--cmdline={}", h.kernel_params));
         }
+        let taps = inheritable_taps(net)?;
+        for (tap, n) in taps.iter().zip(net) {
+            cmd.arg("--net").arg(net_arg(tap.as_raw_fd(), &n.mac, n.mtu));
+        }
+        if !taps.is_empty() {
+            let fds: Vec<RawFd> = taps.iter().map(|t| t.as_raw_fd()).collect();
+            // SAFETY: runs in the forked child before exec: only fcntl(2) (async-signal-
+            // safe) on fds that are open there, no allocation (the Vec was built before).
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let spawned = cmd.spawn();
+        // The child has its copies now (or failed); the parent's go.
+        drop(taps);
         let mut child: Child =
-            cmd.spawn().map_err(|source| VmError::Spawn { path: h.path.display().to_string(), source })?;
+            spawned.map_err(|source| VmError::Spawn { path: h.path.display().to_string(), source })?;
         let pid = child.id();
         let _ = std::fs::write(paths.vmm_pid(), pid.to_string());
         let exit = Arc::new((Mutex::new(ExitState::default()), Condvar::new()));
@@ -151,7 +218,8 @@ impl VmmProcess {
     }
 
     fn api(&self) -> Result<VmmClient, VmError> {
-        let c = ttrpc::Client::connect(&format!("unix://{}", self.paths.api().display())).map_err(|e| VmError::Api(e.to_string()))?;
+        let c = ttrpc::Client::connect(&format!("unix://{}", self.paths.api().display()))
+            .map_err(|e| VmError::Api(e.to_string()))?;
         Ok(VmmClient::new(c))
     }
 
@@ -164,7 +232,8 @@ impl VmmProcess {
         let asked = self
             .api()
             .and_then(|c| {
-                let req = ShutdownRequest { grace_ms: grace.as_millis().min(u32::MAX as u128) as u32, ..Default::default() };
+                let req =
+                    ShutdownRequest { grace_ms: grace.as_millis().min(u32::MAX as u128) as u32, ..Default::default() };
                 c.shutdown(ctx(), &req).map_err(|e| VmError::Api(e.to_string()))
             })
             .is_ok();
@@ -181,4 +250,67 @@ impl VmmProcess {
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(5_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn net_args_name_fd_mac_and_mtu() {
+        assert_eq!(net_arg(3, "02:00:0a:58:00:05", 1450), "fd=3,mac=02:00:0a:58:00:05,mtu=1450");
+        assert_eq!(net_arg(4, "02:00:0a:58:00:06", 0), "fd=4,mac=02:00:0a:58:00:06");
+    }
+
+    /// A stand-in VMM reports which file each `--net fd=N` is, and every file it has
+    /// open: each tap must arrive exactly once, under the number its argument names.
+    #[test]
+    fn taps_reach_the_vmm_under_the_fds_its_arguments_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("report");
+        let script = dir.path().join("fake-vmm");
+        let body = format!(
+            "#!/bin/sh\nexec >{} 2>&1\nfor a in \"$@\"; do case $a in fd=*) n=${{a#fd=}}; n=${{n%%,*}}; \
+             echo \"arg $a -> $(readlink /proc/$$/fd/$n)\";; esac; done\n\
+             for f in /proc/$$/fd/*; do echo \"open $(readlink $f)\"; done\n",
+            report.display()
+        );
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tap_a = std::fs::File::create(dir.path().join("tap-a")).unwrap();
+        let tap_b = std::fs::File::create(dir.path().join("tap-b")).unwrap();
+        let mut config = Config::default();
+        config.hypervisor.path = script;
+        let paths = SandboxPaths::new(dir.path(), "sb");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let net = [
+            NetDevice { tap: tap_a.as_fd(), mac: "02:00:00:00:00:0a".into(), mtu: 1450 },
+            NetDevice { tap: tap_b.as_fd(), mac: "02:00:00:00:00:0b".into(), mtu: 0 },
+        ];
+        let mut tries = 0;
+        let vm = loop {
+            // A fork in another test thread can hold the script open for writing a moment.
+            match VmmProcess::start(&config, &paths, &net, Box::new(|_| {})) {
+                Err(VmError::Spawn { source, .. }) if source.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
+        assert!(vm.wait_exit(Duration::from_secs(10)).is_some(), "the stand-in VMM did not exit");
+        let text = std::fs::read_to_string(&report).unwrap();
+        let a = dir.path().join("tap-a").display().to_string();
+        let b = dir.path().join("tap-b").display().to_string();
+        let args: Vec<&str> = text.lines().filter(|l| l.starts_with("arg ")).collect();
+        assert_eq!(args.len(), 2, "{text}");
+        assert!(args[0].contains(",mac=02:00:00:00:00:0a,mtu=1450 -> ") && args[0].ends_with(&a), "{text}");
+        assert!(args[1].contains(",mac=02:00:00:00:00:0b -> ") && args[1].ends_with(&b), "{text}");
+        for tap in [&a, &b] {
+            let open = text.lines().filter(|l| l.starts_with("open ") && l.ends_with(tap.as_str())).count();
+            assert_eq!(open, 1, "{tap} must be open exactly once in the VMM:\n{text}");
+        }
+    }
 }

@@ -64,6 +64,10 @@ struct Guest {
     net: Option<PodNetwork>,
 }
 
+/// The exit status of a process that could not be started (or was deleted before it
+/// ran); like a shell's "cannot execute".
+pub const START_FAILED_STATUS: u32 = 126;
+
 /// How much of the guest console an unexpected VM end copies into the shim's log.
 const CONSOLE_TAIL_LINES: usize = 40;
 
@@ -362,6 +366,39 @@ impl Sandbox {
         if status != Status::Created {
             return Err(TaskError::FailedPrecondition(format!("{cid}/{eid} is {status:?}, not created")));
         }
+        let started = self.start_in_guest(&agent, cid, eid, stdio, spec);
+        if started.is_err() {
+            // The process will never run: it is stopped, and whoever waits for it (a
+            // Wait call holds a ttrpc worker) must wake up now, not never.
+            let _ = self.with_process(cid, eid, |p| {
+                let _ = p.apply(Action::Exit);
+                if p.exit.get().is_none() {
+                    p.exit.set(START_FAILED_STATUS);
+                }
+                p.exit.notify();
+                Ok(())
+            });
+        }
+        let guest_pid = started?;
+        self.with_process(cid, eid, |p| {
+            p.guest_pid = guest_pid;
+            p.apply(Action::Start).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
+        })?;
+        self.spawn_waiter(agent, cid, eid);
+        let pid = std::process::id();
+        if eid.is_empty() {
+            self.events.publish(topics::TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid.into(), pid, ..Default::default() }));
+        } else {
+            self.events.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted { container_id: cid.into(), exec_id: eid.into(), pid, ..Default::default() }),
+            );
+        }
+        Ok(pid)
+    }
+
+    /// Starts the container's init or an exec in the guest; returns the guest pid.
+    fn start_in_guest(&self, agent: &Agent, cid: &str, eid: &str, stdio: StdioPaths, spec: Vec<u8>) -> Result<u32, TaskError> {
         let guest_pid = if eid.is_empty() {
             let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
             agent.client.start_container(agent.ctx(), &req).map_err(|e| internal(call_error("StartContainer", e)))?.pid
@@ -382,21 +419,7 @@ impl Sandbox {
             })?;
             pid
         };
-        self.with_process(cid, eid, |p| {
-            p.guest_pid = guest_pid;
-            p.apply(Action::Start).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
-        })?;
-        self.spawn_waiter(agent, cid, eid);
-        let pid = std::process::id();
-        if eid.is_empty() {
-            self.events.publish(topics::TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid.into(), pid, ..Default::default() }));
-        } else {
-            self.events.publish(
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(TaskExecStarted { container_id: cid.into(), exec_id: eid.into(), pid, ..Default::default() }),
-            );
-        }
-        Ok(pid)
+        Ok(guest_pid)
     }
 
     /// Long-polls the agent for the process's exit, drains its output, then records the
@@ -484,7 +507,9 @@ impl Sandbox {
                 return Err(TaskError::FailedPrecondition(format!("exec {eid} is still running")));
             }
             let p = c.execs.remove(eid).ok_or_else(|| TaskError::NotFound(eid.into()))?;
-            let exit = p.exit.get().unwrap_or(Exit { status: 0, at: SystemTime::now() });
+            // An exec deleted without ever running: wake anyone waiting for it.
+            let exit = p.exit.get().unwrap_or_else(|| p.exit.set(START_FAILED_STATUS));
+            p.exit.notify();
             return Ok((std::process::id(), exit));
         }
         let (status, exit) = self.with_process(cid, "", |p| Ok((p.status, p.exit.get())))?;

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_SUITES=(vmm_boot guest_agent ctr)
+ALL_SUITES=(vmm_boot guest_agent ctr cri cri_net)
 
 if [ "${1:-}" = "--inside" ]; then
     shift

@@ -6,6 +6,10 @@
 //!
 //! containerd 1.6 still uses fixed paths (/run/containerd/s, /run/containerd/fifo): run
 //! one at a time per (emulated) host.
+//!
+//! The CRI plugin is configured too: runtime handlers `runc` and `wisp`, the local pause
+//! image (`image::PAUSE_IMAGE`, imported by `import_cri_images`) as the sandbox image,
+//! and a private CNI conf dir (empty unless the caller passes network configs).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,6 +20,8 @@ use anyhow::{bail, Context};
 use crate::process::Watched;
 
 pub const NAMESPACE: &str = "wisp-test";
+/// The containerd namespace of the CRI plugin (images for pods must be imported there).
+pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The longest any single ctr command may take in tests (VM boots are slow under TCG).
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -49,20 +55,30 @@ impl Containerd {
     /// Starts containerd with `wisp_toml` as the wisp configuration (`[runtime]` etc.
     /// may be appended by the caller through `wisp_config`) and the build's shim.
     pub fn start(wisp_toml: &str) -> anyhow::Result<Self> {
-        Self::launch(Some(wisp_toml))
+        Self::launch(Some(wisp_toml), &[])
+    }
+
+    /// Like `start`, with CNI network configs `(file name, content)` written to the CRI
+    /// plugin's conf dir before containerd starts (containerd 1.6 refuses pods without
+    /// host networking while that dir holds no network: "cni config uninitialized").
+    pub fn start_with_cni(wisp_toml: &str, cni_confs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::launch(Some(wisp_toml), cni_confs)
     }
 
     /// Starts containerd the way an installation runs: the shim from `PATH`, wisp's
     /// configuration from `/etc/wisp/config.toml`.
     pub fn start_installed() -> anyhow::Result<Self> {
-        Self::launch(None)
+        Self::launch(None, &[])
     }
 
-    fn launch(wisp_toml: Option<&str>) -> anyhow::Result<Self> {
+    fn launch(wisp_toml: Option<&str>, cni_confs: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("wisp-containerd-").tempdir()?;
         let d = dir.path();
         let socket = d.join("containerd.sock");
         std::fs::create_dir_all(d.join("cni"))?;
+        for (name, conf) in cni_confs {
+            std::fs::write(d.join("cni").join(name), conf).with_context(|| format!("writing CNI config {name}"))?;
+        }
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -76,6 +92,7 @@ oom_score = 0
   level = "debug"
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
+  sandbox_image = "{pause}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     snapshotter = "overlayfs"
@@ -83,6 +100,8 @@ oom_score = 0
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wisp]
       runtime_type = "io.containerd.wisp.v2"
+      # CRI passes a pod's annotations to the runtime only when listed here.
+      pod_annotations = ["io.wisp.config.*"]
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{cni}"
@@ -91,6 +110,7 @@ oom_score = 0
             state = d.join("state").display(),
             sock = socket.display(),
             cni = d.join("cni").display(),
+            pause = crate::image::PAUSE_IMAGE,
         );
         std::fs::write(d.join("config.toml"), config)?;
         let mut cmd = Command::new("containerd");
@@ -127,9 +147,19 @@ oom_score = 0
 
     /// A `ctr` command against this containerd, in the test namespace.
     pub fn ctr(&self, args: &[&str]) -> Command {
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    /// A `ctr` command against this containerd, in `namespace`.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.socket).arg("--namespace").arg(NAMESPACE).args(args);
+        c.arg("--address").arg(&self.socket).arg("--namespace").arg(namespace).args(args);
         c
+    }
+
+    /// The CRI plugin's CNI conf dir.
+    pub fn cni_dir(&self) -> PathBuf {
+        self.dir.path().join("cni")
     }
 
     /// Runs `ctr args` (at most `CTR_TIMEOUT`) and returns its output.
@@ -149,11 +179,16 @@ oom_score = 0
     pub fn diagnostics(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
-        let mut out = format!("--- containerd log (last 60 lines) ---\n{}\n", lines[lines.len().saturating_sub(60)..].join("\n"));
+        let mut out =
+            format!("--- containerd log (last 60 lines) ---\n{}\n", lines[lines.len().saturating_sub(60)..].join("\n"));
         for e in std::fs::read_dir("/run/wisp").into_iter().flatten().flatten() {
             if let Ok(c) = std::fs::read_to_string(e.path().join("console.log")) {
                 let l: Vec<&str> = c.lines().collect();
-                out += &format!("--- guest console {} (last 30 lines) ---\n{}\n", e.path().display(), l[l.len().saturating_sub(30)..].join("\n"));
+                out += &format!(
+                    "--- guest console {} (last 30 lines) ---\n{}\n",
+                    e.path().display(),
+                    l[l.len().saturating_sub(30)..].join("\n")
+                );
             }
         }
         out
@@ -161,14 +196,35 @@ oom_score = 0
 
     /// Builds and imports the busybox test image; returns its name.
     pub fn import_busybox(&self) -> anyhow::Result<String> {
-        eprintln!("containerd: importing {}", crate::image::BUSYBOX_IMAGE);
         let archive = self.dir.path().join("busybox.tar");
         crate::image::build_busybox_image(&archive, crate::image::BUSYBOX_IMAGE)?;
-        let out = self.ctr_output(&["images", "import", &archive.display().to_string()])?;
-        if !out.status.success() {
-            bail!("ctr images import failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        self.import(NAMESPACE, &archive, crate::image::BUSYBOX_IMAGE)?;
         Ok(crate::image::BUSYBOX_IMAGE.to_string())
+    }
+
+    /// Builds and imports, into the CRI namespace, the busybox test image and the pause
+    /// image the CRI plugin runs as every pod's sandbox container; returns the busybox
+    /// image's name.
+    pub fn import_cri_images(&self) -> anyhow::Result<String> {
+        let archive = self.dir.path().join("busybox.tar");
+        crate::image::build_busybox_image(&archive, crate::image::BUSYBOX_IMAGE)?;
+        self.import(CRI_NAMESPACE, &archive, crate::image::BUSYBOX_IMAGE)?;
+        let archive = self.dir.path().join("pause.tar");
+        crate::image::build_pause_image(&archive)?;
+        self.import(CRI_NAMESPACE, &archive, crate::image::PAUSE_IMAGE)?;
+        Ok(crate::image::BUSYBOX_IMAGE.to_string())
+    }
+
+    fn import(&self, namespace: &str, archive: &Path, name: &str) -> anyhow::Result<()> {
+        eprintln!("containerd: importing {name} into namespace {namespace}");
+        let args = ["images", "import", &archive.display().to_string()];
+        eprintln!("+ ctr -n {namespace} {}", args.join(" "));
+        let out = crate::process::output_within(&mut self.ctr_in(namespace, &args), None, CTR_TIMEOUT)
+            .with_context(|| format!("ctr {args:?}\n{}", self.diagnostics()))?;
+        if !out.status.success() {
+            bail!("ctr -n {namespace} images import failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 }
 
@@ -184,7 +240,8 @@ impl Drop for Containerd {
         // temporary directory goes.
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let root = self.dir.path().to_path_buf();
-            let mut mounts: Vec<&str> = info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| Path::new(m).starts_with(&root)).collect();
+            let mut mounts: Vec<&str> =
+                info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| Path::new(m).starts_with(&root)).collect();
             mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
             for m in mounts {
                 let _ = nix_umount(m);

@@ -10,6 +10,12 @@ use sha2::{Digest, Sha256};
 
 /// The name the image is imported under.
 pub const BUSYBOX_IMAGE: &str = "docker.io/library/busybox:wisp";
+/// The CRI sandbox ("pause") image: the same busybox layer, a command that sleeps
+/// forever (busybox `sleep` is fine as a pod's PID 1: the sandbox container is only ever
+/// stopped with SIGKILL).
+pub const PAUSE_IMAGE: &str = "docker.io/library/wisp-pause:wisp";
+/// The pause image's command: the largest `sleep` every busybox accepts (about 68 years).
+pub const PAUSE_CMD: &[&str] = &["sleep", "2147483647"];
 
 fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
@@ -67,8 +73,19 @@ fn layer_tar(root: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Writes an OCI image archive (`ctr images import` format) of a busybox rootfs to
-/// `out`, tagged `name`. Returns the manifest digest.
+/// `out`, tagged `name`, whose command is `sh`. Returns the manifest digest.
 pub fn build_busybox_image(out: &Path, name: &str) -> anyhow::Result<String> {
+    build_image(out, name, &["sh"])
+}
+
+/// Writes the pause image archive (`PAUSE_IMAGE`, command `PAUSE_CMD`) to `out`.
+/// Returns the manifest digest.
+pub fn build_pause_image(out: &Path) -> anyhow::Result<String> {
+    build_image(out, PAUSE_IMAGE, PAUSE_CMD)
+}
+
+/// Writes a busybox image archive tagged `name` whose command is `cmd`.
+pub fn build_image(out: &Path, name: &str, cmd: &[&str]) -> anyhow::Result<String> {
     let rootfs = crate::rootfs::busybox_rootfs()?;
     let tar = layer_tar(rootfs.path()).context("packing the busybox layer")?;
     let diff_id = sha256_hex(&tar);
@@ -82,7 +99,7 @@ pub fn build_busybox_image(out: &Path, name: &str) -> anyhow::Result<String> {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"]
+            "Cmd": cmd
         },
         "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] }
     }))?;
@@ -137,5 +154,9 @@ mod tests {
         let b = build_busybox_image(&d.path().join("b.tar"), BUSYBOX_IMAGE).unwrap();
         assert_eq!(a, b);
         assert_eq!(std::fs::read(d.path().join("a.tar")).unwrap(), std::fs::read(d.path().join("b.tar")).unwrap());
+        let p1 = build_pause_image(&d.path().join("p1.tar")).unwrap();
+        let p2 = build_pause_image(&d.path().join("p2.tar")).unwrap();
+        assert_eq!(p1, p2);
+        assert_ne!(a, p1, "the pause image must differ from busybox (its command)");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod containerd;
+pub mod cri;
 pub mod harness;
 pub mod image;
 pub mod pattern;

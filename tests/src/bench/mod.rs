@@ -10,6 +10,7 @@
 
 pub mod figures;
 pub mod json;
+pub mod pods;
 pub mod report;
 pub mod smaps;
 pub mod stats;
@@ -72,6 +73,8 @@ pub struct Ctx {
     /// How long a booted guest idles before its VMM's memory is read.
     pub settle: Duration,
     pub boot_timeout: Duration,
+    /// The containerd of the pod figures, started on first use.
+    pub pods: std::sync::Arc<pods::PodEnvCell>,
 }
 
 pub type RunFn = fn(&Ctx, Side) -> anyhow::Result<Sample>;
@@ -79,6 +82,8 @@ pub type RunFn = fn(&Ctx, Side) -> anyhow::Result<Sample>;
 /// One function measuring one or more figures.
 pub struct Experiment {
     pub name: &'static str,
+    /// What the two sides are, for progress lines: (wisp side, peer side).
+    pub sides: (&'static str, &'static str),
     pub run: RunFn,
     pub figures: Vec<FigureSpec>,
 }
@@ -91,6 +96,8 @@ pub enum Outcome {
         wisp: Vec<f64>,
         peer: Vec<f64>,
         wisp_parts: Vec<(String, Summary)>,
+        /// Runs that failed and were repeated: which, and the first line of the error.
+        repeated: Vec<String>,
     },
     Timeline(timeline::TimelineSummary),
     NotMeasured(String),
@@ -110,22 +117,41 @@ pub struct RunPlan {
     pub warmup: usize,
 }
 
+/// How many failed runs an experiment may repeat before it fails; each one is listed
+/// in the report with its error.
+pub const MAX_REPEATS: usize = 2;
+
 /// Runs `exp` `plan.runs` times per side, interleaved, and returns its figures'
-/// results plus the wisp-side timelines it recorded. A failed run fails the
-/// experiment's figures with the error (the remaining runs are skipped).
+/// results plus the wisp-side timelines it recorded. A failed run is repeated (at most
+/// `MAX_REPEATS` times per experiment, each reported); after that the experiment's
+/// figures fail with the error (the remaining runs are skipped).
 pub fn run_experiment(exp: &Experiment, ctx: &Ctx, plan: &RunPlan) -> (Vec<FigureResult>, Vec<Timeline>) {
     let mut wisp: Vec<Sample> = Vec::new();
     let mut peer: Vec<Sample> = Vec::new();
     let mut error = None;
+    let mut repeated: Vec<String> = Vec::new();
     let total = plan.warmup + plan.runs;
     'runs: for i in 0..total {
         let warm = i < plan.warmup;
         for side in [Side::Wisp, Side::Peer] {
             let label = if warm { "warm-up".to_string() } else { format!("run {}/{}", i - plan.warmup + 1, plan.runs) };
-            match (exp.run)(ctx, side) {
+            let side_name = match side {
+                Side::Wisp => exp.sides.0,
+                Side::Peer => exp.sides.1,
+            };
+            let mut attempt = (exp.run)(ctx, side);
+            while let Err(e) = &attempt {
+                if repeated.len() >= MAX_REPEATS {
+                    break;
+                }
+                eprintln!("bench: {} {side_name} {label} failed, repeating it: {e:#}", exp.name);
+                repeated.push(format!("{side_name} {label}: {}", format!("{e:#}").lines().next().unwrap_or_default()));
+                attempt = (exp.run)(ctx, side);
+            }
+            match attempt {
                 Ok(s) => {
                     let vals: Vec<String> = s.values.iter().map(|(n, v)| format!("{n}={v:.2}")).collect();
-                    eprintln!("bench: {} {} {label}: {}", exp.name, side.name(), vals.join(" "));
+                    eprintln!("bench: {} {side_name} {label}: {}", exp.name, vals.join(" "));
                     if !warm {
                         if side == Side::Wisp {
                             wisp.push(s)
@@ -135,8 +161,8 @@ pub fn run_experiment(exp: &Experiment, ctx: &Ctx, plan: &RunPlan) -> (Vec<Figur
                     }
                 }
                 Err(e) => {
-                    eprintln!("bench: {} {} {label} failed: {e:#}", exp.name, side.name());
-                    error = Some(format!("{} {label}: {e:#}", side.name()));
+                    eprintln!("bench: {} {side_name} {label} failed: {e:#}", exp.name);
+                    error = Some(format!("{side_name} {label}: {e:#}"));
                     break 'runs;
                 }
             }
@@ -152,6 +178,7 @@ pub fn run_experiment(exp: &Experiment, ctx: &Ctx, plan: &RunPlan) -> (Vec<Figur
                     wisp: values_of(&wisp, spec.name),
                     peer: values_of(&peer, spec.name),
                     wisp_parts: parts_of(&wisp, spec.name),
+                    repeated: repeated.clone(),
                 },
             };
             FigureResult { spec: spec.clone(), outcome }
@@ -193,9 +220,16 @@ mod tests {
 
     fn ctx() -> Ctx {
         Ctx {
-            setup: Setup { vmm: "/v".into(), kernel: "/k".into(), initrd: "/i".into(), qemu: "/q".into() },
+            setup: Setup {
+                vmm: "/v".into(),
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                agent_initrd: "/a".into(),
+                qemu: "/q".into(),
+            },
             settle: Duration::ZERO,
             boot_timeout: Duration::ZERO,
+            pods: pods::PodEnvCell::new(),
         }
     }
 
@@ -217,7 +251,7 @@ mod tests {
 
     #[test]
     fn runs_are_interleaved_and_warmups_dropped() {
-        let exp = Experiment { name: "x", run: counting, figures: vec![spec("a"), spec("b")] };
+        let exp = Experiment { name: "x", sides: ("w", "p"), run: counting, figures: vec![spec("a"), spec("b")] };
         let (res, _) = run_experiment(&exp, &ctx(), &RunPlan { runs: 3, warmup: 1 });
         let order = ORDER.with(|o| o.borrow().clone());
         assert_eq!(order, [Side::Wisp, Side::Peer].repeat(4));
@@ -240,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_failed_run_fails_the_figures_with_its_error() {
-        let exp = Experiment { name: "x", run: failing, figures: vec![spec("a")] };
+        let exp = Experiment { name: "x", sides: ("w", "p"), run: failing, figures: vec![spec("a")] };
         let (res, _) = run_experiment(&exp, &ctx(), &RunPlan { runs: 3, warmup: 0 });
         assert!(matches!(&res[0].outcome, Outcome::Failed(e) if e.contains("peer broke")), "{:?}", res[0].outcome);
     }

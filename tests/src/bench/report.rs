@@ -130,6 +130,13 @@ pub fn markdown(results: &[FigureResult], runs: usize, warmup: usize, context: &
         }
     }
     for r in results {
+        if let Outcome::Measured { repeated, .. } = &r.outcome {
+            for why in repeated {
+                let _ = writeln!(md, "- `{}`: a run failed and was repeated: {why}", r.spec.name);
+            }
+        }
+    }
+    for r in results {
         if let Outcome::Measured { wisp_parts, .. } = &r.outcome {
             if !wisp_parts.is_empty() {
                 let _ = writeln!(md, "\n`{}` of wisp by what backs it ({}, median):\n", r.spec.name, r.spec.unit);
@@ -226,7 +233,7 @@ fn figure_json(r: &FigureResult) -> Json {
         ("target_value", value),
     ];
     match &r.outcome {
-        Outcome::Measured { wisp, peer, wisp_parts } => {
+        Outcome::Measured { wisp, peer, wisp_parts, repeated } => {
             let j = judge(s, wisp, peer);
             let parts = wisp_parts
                 .iter()
@@ -245,6 +252,7 @@ fn figure_json(r: &FigureResult) -> Json {
                 ("pair_ratios", Json::nums(&pair_ratios(wisp, peer))),
                 ("pair_ratio_median", Json::opt_num(j.and_then(|j| j.pair_ratio).map(|p| p.median))),
                 ("wisp_parts", Json::Arr(parts)),
+                ("repeated_runs", Json::Arr(repeated.iter().map(Json::str).collect())),
             ]);
         }
         Outcome::Timeline(t) => {
@@ -330,7 +338,12 @@ mod tests {
         let results = vec![
             FigureResult {
                 spec: spec(Target::RatioAtMost(0.5)),
-                outcome: Outcome::Measured { wisp: vec![40.0, 50.0], peer: vec![100.0, 100.0], wisp_parts: vec![] },
+                outcome: Outcome::Measured {
+                    wisp: vec![40.0, 50.0],
+                    peer: vec![100.0, 100.0],
+                    wisp_parts: vec![],
+                    repeated: vec![],
+                },
             },
             FigureResult { spec: spec(Target::Report), outcome: Outcome::NotMeasured("needs the shim".into()) },
             FigureResult { spec: spec(Target::Report), outcome: Outcome::Failed("boom\nmore".into()) },

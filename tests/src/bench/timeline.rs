@@ -17,6 +17,8 @@ use super::timed::{Line, Stream};
 pub const SPAWN: &str = "spawn";
 pub const FIRST_CONSOLE: &str = "first_console_output";
 pub const MARKER: &str = "userspace_marker";
+/// When the host's health check (ttrpc Check over hybrid vsock) got the agent's answer.
+pub const AGENT_ANSWERED: &str = "agent_answered";
 /// How many of the longest console silences a timeline keeps.
 const GAPS_KEPT: usize = 5;
 
@@ -120,6 +122,11 @@ pub fn describe(from: &str, to: &str) -> &'static str {
         ("vcpus_started", FIRST_CONSOLE) => "guest kernel until its first console line",
         (FIRST_CONSOLE, MARKER) => "guest kernel init (log on the serial console) until /init prints",
         ("vcpus_started", MARKER) => "guest kernel boot until /init prints",
+        (FIRST_CONSOLE, "guest_userspace") => "guest kernel init (log on the serial console) until /init runs",
+        ("vcpus_started", "guest_userspace") => "guest kernel boot until /init runs",
+        ("guest_userspace", "agent_ready") => "agent as PID 1: mounts, cgroups, clock, vsock listeners",
+        ("agent_ready", MARKER) => "agent's first log line reaches the host console",
+        (MARKER, AGENT_ANSWERED) | ("agent_ready", AGENT_ANSWERED) => "host dials hybrid vsock, ttrpc Check answered",
         _ => "",
     }
 }

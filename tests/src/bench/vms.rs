@@ -41,6 +41,8 @@ pub struct Setup {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The product initrd: wisp-agent as /init.
+    pub agent_initrd: PathBuf,
     pub qemu: PathBuf,
 }
 
@@ -51,10 +53,12 @@ impl Setup {
         let vmm = artifact("release/wisp-vmm");
         let kernel = artifact("guest/vmlinux");
         let initrd = artifact("guest/test-initrd.img");
+        let agent_initrd = artifact("guest/initrd.img");
         for (p, how) in [
             (&vmm, "cargo build --release -p wisp-vmm (or make build)"),
             (&kernel, "make kernel"),
             (&initrd, "make initrd"),
+            (&agent_initrd, "make initrd"),
         ] {
             if !p.is_file() {
                 missing.push(format!("{} is missing: run `{how}`", p.display()));
@@ -77,7 +81,7 @@ impl Setup {
         if !missing.is_empty() {
             bail!("cannot run the VM benchmarks:\n  {}", missing.join("\n  "));
         }
-        Ok(Self { vmm, kernel, initrd, qemu: qemu.unwrap_or_default() })
+        Ok(Self { vmm, kernel, initrd, agent_initrd, qemu: qemu.unwrap_or_default() })
     }
 
     /// The VMM of `side` booting the test guest; `guest_cmd` (words) runs after the
@@ -96,6 +100,17 @@ impl Setup {
         if !guest_cmd.is_empty() {
             c.arg("--cmdline").arg(format!("-- {}", guest_cmd.join(" ")));
         }
+        c
+    }
+
+    /// wisp-vmm booting the product initrd (the agent as /init) with its vsock device
+    /// on `vsock_uds` and the control API on `api_sock`: a pod's VM without the shim.
+    pub fn wisp_with_agent(&self, vsock_uds: &Path, api_sock: &Path) -> Command {
+        let mut c = Command::new(&self.vmm);
+        c.arg("--kernel").arg(&self.kernel).arg("--initrd").arg(&self.agent_initrd);
+        c.args(["--console", "stdout", "--vcpus", "1", "--memory-mib"]).arg(MEMORY_MIB.to_string());
+        c.arg("--vsock-uds").arg(vsock_uds).args(["--vsock-cid", "3"]);
+        c.arg("--api-sock").arg(api_sock).args(["--log-level", "info"]);
         c
     }
 
@@ -146,7 +161,13 @@ mod tests {
     use super::*;
 
     fn setup() -> Setup {
-        Setup { vmm: "/w/wisp-vmm".into(), kernel: "/k".into(), initrd: "/i".into(), qemu: "/q".into() }
+        Setup {
+            vmm: "/w/wisp-vmm".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            agent_initrd: "/a".into(),
+            qemu: "/q".into(),
+        }
     }
 
     fn args(c: &Command) -> Vec<String> {

@@ -4,8 +4,10 @@
 //!
 //!   wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [FILTER...]
 //!
-//! FILTERs select experiments or figures by name: `boot`, `idle_memory`, `boot_to_userspace`,
-//! `vmm_overhead`, `guest_ram_touched`, `boot_timeline` (which comes from `idle_memory`).
+//! FILTERs select experiments or figures by name: experiments `boot`, `boot_agent`,
+//! `idle_memory`, `shared_fs`, `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start`;
+//! figures as in the report;
+//! `boot_timeline` comes from `boot_agent`.
 //! Exit status: 0 when every selected figure was measured (whether or not it met its
 //! target), 1 when a measurement failed, 2 for usage errors and missing prerequisites.
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use wisp_tests::artifact;
 use wisp_tests::bench::figures::{boot_timeline_spec, experiments, not_yet_measured};
+use wisp_tests::bench::pods::PodEnvCell;
 use wisp_tests::bench::timeline::{summarize, Timeline};
 use wisp_tests::bench::vms::Setup;
 use wisp_tests::bench::{report, run_experiment, Ctx, Experiment, FigureResult, Outcome, RunPlan};
@@ -28,7 +31,8 @@ const USAGE: &str =
   --boot-timeout SECS give up on a boot after this long (default 300)
   --out DIR           where report.md and report.json go (default target/bench)
   FILTER              only these experiments or figures (names as in the report; the
-                      experiments are `boot` and `idle_memory`)";
+                      experiments are `boot`, `boot_agent`, `idle_memory`, `shared_fs`,
+                      `ctr_run`, `cri_lifecycle`, `idle_pod` and `parallel_start`)";
 
 struct Args {
     runs: usize,
@@ -125,7 +129,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let ctx = Ctx { setup, settle: args.settle, boot_timeout: args.boot_timeout };
+    let ctx = Ctx { setup, settle: args.settle, boot_timeout: args.boot_timeout, pods: PodEnvCell::new() };
     let plan = RunPlan { runs: args.runs, warmup: args.warmup };
     let exps: Vec<Experiment> = experiments().into_iter().filter(|e| selected(&args.filters, &names_of(e))).collect();
 
@@ -166,7 +170,7 @@ struct Done {
 }
 
 /// The experiment that records wisp-vmm's boot timeline.
-const TIMELINE_EXPERIMENT: &str = "idle_memory";
+const TIMELINE_EXPERIMENT: &str = "boot_agent";
 
 fn names_of(e: &Experiment) -> Vec<&'static str> {
     let mut names: Vec<&str> = e.figures.iter().map(|f| f.name).collect();

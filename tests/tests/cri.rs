@@ -7,8 +7,8 @@
 //! Images: the local busybox image and a local pause image (`sleep` forever), imported
 //! into containerd's `k8s.io` namespace.
 //!
-//! Network: there is no CNI network yet, and containerd 1.6 runs no pod in a pod network
-//! namespace without one: with an empty CNI conf dir RunPodSandbox fails with "cni plugin
+//! Network: this suite configures no CNI network (pod networks are tests/cri_net.rs),
+//! and containerd 1.6 runs no pod in a pod network namespace without one: with an empty CNI conf dir RunPodSandbox fails with "cni plugin
 //! not initialized" (1.6.20; "cni config uninitialized" elsewhere), and with a network of
 //! only the `loopback` plugin with "failed to find network info for sandbox" (it wants an
 //! IP on eth0). Both are checked by a case (nothing of wisp may be left behind); the other

@@ -324,7 +324,7 @@ fn shared_fs_throughput(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
                  echo FS-W-BEGIN && dd if=/dev/zero of=/mnt/f bs=1M count={FS_FILE_MIB} conv=fsync 2>/dev/null && \
                  echo FS-W-END && echo 3 > /proc/sys/vm/drop_caches && \
                  echo FS-R-BEGIN && dd if=/mnt/f of=/dev/null bs=1M 2>/dev/null && echo FS-R-END",
-                ra = wisp_vmm_read_ahead_kb(),
+                ra = AGENT_SHARED_FS_READ_AHEAD_KB,
             );
             let s = &ctx.setup;
             let mut cmd = std::process::Command::new(&s.vmm);
@@ -369,8 +369,6 @@ fn shared_fs_throughput(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
     })
 }
 
-/// The read-ahead the agent sets on the shared filesystem (kept in step by hand: the
-/// agent crate is not a dependency of the tests).
-fn wisp_vmm_read_ahead_kb() -> u32 {
-    1024
-}
+/// The read-ahead the agent sets on the shared filesystem (agent/src/guest.rs
+/// SHARED_FS_READ_AHEAD_KB; the agent crate is not a dependency of the tests).
+const AGENT_SHARED_FS_READ_AHEAD_KB: u32 = 1024;

@@ -12,7 +12,7 @@ CONFDIR     := /etc/wisp
 
 # Debian packages the project needs (build, guest kernel, emulated KVM host, tests).
 DEB_PACKAGES := containerd runc containernetworking-plugins busybox-static cpio kmod \
-	qemu-system-x86 protobuf-compiler libseccomp-dev flex bison bc libelf-dev libssl-dev \
+	protobuf-compiler libseccomp-dev flex bison bc libelf-dev libssl-dev \
 	linux-source-6.12 iproute2 file gzip xz-utils util-linux python3 gcc make
 
 # relocation-model=static: a plain static executable, not static-pie.
@@ -24,9 +24,22 @@ AGENT_ENV := RUSTFLAGS='$(STATIC_RUSTFLAGS)' LIBSECCOMP_LINK_TYPE=static \
 
 all: build guest
 
+# The emulated KVM host's QEMU: Debian 12's own (7.2) emulates SVM with bugs that crashed
+# the emulated host's kernel during nested boots (a kernel stack overflow in a KVM vCPU
+# thread); on Debian 12 it comes from bookworm-backports (10.0).
+BACKPORTS_SOURCES := /etc/apt/sources.list.d/wisp-bookworm-backports.sources
+IS_BOOKWORM := $(shell grep -qx 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null && echo yes)
+
 deps:
+ifeq ($(IS_BOOKWORM),yes)
+	@[ -f $(BACKPORTS_SOURCES) ] || printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+		'Suites: bookworm-backports' 'Components: main' \
+		'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >$(BACKPORTS_SOURCES)
+endif
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		$(if $(IS_BOOKWORM),-t bookworm-backports) qemu-system-x86
 	@command -v $(CARGO) >/dev/null || { echo "deps: cargo not found: install Rust >= 1.85 (rustup)" >&2; exit 1; }
 
 build: agent

@@ -74,11 +74,51 @@ impl Watched {
                 return Ok(());
             }
             let now = Instant::now();
-            if now >= deadline || o.closed == 2 {
+            if o.closed == 2 {
+                let text = o.text.clone();
+                drop(o);
+                bail!(
+                    "{} closed its output ({}) {:.1?} into a wait for {needle:?}; its output:\n{text}",
+                    self.name,
+                    self.exit_description(),
+                    timeout - (deadline - now)
+                );
+            }
+            if now >= deadline {
                 bail!("{} did not print {needle:?} within {timeout:?}; output so far:\n{}", self.name, o.text);
             }
             o = cv.wait_timeout(o, deadline - now).unwrap().0;
         }
+    }
+
+    /// How the child ended, without reaping it ("still running" if it has not).
+    fn exit_description(&self) -> String {
+        // The pipes close a moment before the exit is visible.
+        for _ in 0..50 {
+            // SAFETY: waitid on our own child, with WNOWAIT: it stays reapable.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    self.child.id() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            if rc != 0 {
+                return format!("exit unknown: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: waitid filled the siginfo (si_pid 0 means not exited yet).
+            let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+            if pid != 0 {
+                return match info.si_code {
+                    libc::CLD_EXITED => format!("exited with status {status}"),
+                    _ => format!("killed by signal {status}"),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        "still running".into()
     }
 
     /// Waits for the exit and for all output; kills the child at the deadline.

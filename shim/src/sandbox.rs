@@ -256,12 +256,22 @@ impl Sandbox {
 
     /// Asks the agent to end the guest, stops the VMM, removes the state directory.
     fn teardown(&self) {
-        let guest = self.lock().guest.take();
+        let (guest, tail_logged) = {
+            let mut st = self.lock();
+            (st.guest.take(), st.vm_gone.is_some())
+        };
         if let Some(g) = guest {
-            if g.vm.exited().is_none() {
-                let _ = g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new());
-            }
+            // A VMM that is already gone, or an agent that no longer answers, means the
+            // guest ended by itself (panic, reset): its console says why (`vm_ended`
+            // logged it if it came first).
+            let unexpected = g.vm.exited().is_some()
+                || g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new()).is_err();
             g.vm.stop(g.grace);
+            if unexpected && !tail_logged {
+                if let Some(tail) = console_tail(&g.paths) {
+                    log::warn!("sandbox {}: the guest ended on its own; last guest console lines:\n{tail}", self.id);
+                }
+            }
             // After the VMM, which holds the taps, is gone.
             if let Some(mut net) = g.net {
                 net.teardown();

@@ -28,7 +28,7 @@ const USAGE: &str =
   --runs N            runs per side and figure (default: $WISP_BENCH_N or 5)
   --warmup N          unrecorded runs per side before them (default 1)
   --settle SECS       idle time after boot before memory is read (default 3)
-  --boot-timeout SECS give up on a boot after this long (default 300)
+  --boot-timeout SECS give up on a boot after this long (default 120)
   --out DIR           where report.md and report.json go (default target/bench)
   FILTER              only these experiments or figures (names as in the report; the
                       experiments are `boot`, `boot_agent`, `idle_memory`, `shared_fs`,
@@ -52,7 +52,7 @@ fn parse_args() -> anyhow::Result<Args> {
         runs,
         warmup: 1,
         settle: Duration::from_secs(3),
-        boot_timeout: Duration::from_secs(300),
+        boot_timeout: Duration::from_secs(120),
         out: artifact("bench"),
         filters: Vec::new(),
     };

@@ -24,8 +24,12 @@ pub const THREAD_STACK: usize = 1024 * 1024;
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest rebooted (i8042 reset or triple fault): the normal way a wisp guest ends.
+    /// The guest rebooted through the i8042 reset line: the normal way a wisp guest ends
+    /// (it boots with `reboot=k`, and `panic=-1` reboots after a panic).
     GuestReset,
+    /// A vCPU triple-faulted (KVM's shutdown exit): the guest crashed without a panic
+    /// message, or rebooted the hard way. Says which vCPU and where it was.
+    GuestTripleFault(String),
     /// The guest powered off.
     GuestPowerOff,
     /// The VMM was asked to stop (signal or control API).
@@ -38,7 +42,7 @@ impl VmExit {
     /// The process exit status for this end: 0 for a guest-initiated end.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::GuestReset | VmExit::GuestPowerOff => 0,
+            VmExit::GuestReset | VmExit::GuestPowerOff | VmExit::GuestTripleFault(_) => 0,
             VmExit::Stopped(_) => 0,
             VmExit::Error(_) => 1,
         }

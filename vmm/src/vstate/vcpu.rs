@@ -189,8 +189,15 @@ fn run_loop(mut vcpu: Vcpu, pio: &Bus, mmio: &Bus, exits: &Sender<VmExit>, contr
                 mmio.write(addr, data);
             }
             Ok(VcpuExit::Shutdown) => {
-                // A triple fault: how a guest without a working reset path reboots.
-                let _ = exits.send(VmExit::GuestReset);
+                // A triple fault: where the vCPU was tells a crash from a deliberate reset.
+                let at = match (vcpu.fd.get_regs(), vcpu.fd.get_sregs()) {
+                    (Ok(r), Ok(s)) => format!(
+                        "vCPU {index}: rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+                        r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+                    ),
+                    (Err(e), _) | (_, Err(e)) => format!("vCPU {index}: registers unreadable: {e}"),
+                };
+                let _ = exits.send(VmExit::GuestTripleFault(at));
                 return;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {

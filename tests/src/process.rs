@@ -85,7 +85,13 @@ impl Watched {
                 );
             }
             if now >= deadline {
-                bail!("{} did not print {needle:?} within {timeout:?}; output so far:\n{}", self.name, o.text);
+                let text = o.text.clone();
+                drop(o);
+                bail!(
+                    "{} did not print {needle:?} within {timeout:?}; its threads:\n{}output so far:\n{text}",
+                    self.name,
+                    thread_report(self.child.id())
+                );
             }
             o = cv.wait_timeout(o, deadline - now).unwrap().0;
         }
@@ -203,4 +209,58 @@ pub fn output_within(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration)
         std::thread::sleep(Duration::from_millis(20));
     };
     Ok(std::process::Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
+}
+
+/// Each thread of process `pid`: name, scheduler state, kernel wait channel and CPU time,
+/// sampled twice a second apart (what a stuck child is doing: spinning, blocked, waiting).
+pub fn thread_report(pid: u32) -> String {
+    let sample = || -> Vec<(String, String)> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+        let mut rows: Vec<(String, String)> = tasks
+            .flatten()
+            .map(|t| {
+                let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                let stat = read("stat");
+                // Fields after the parenthesised name: state is the 3rd, utime/stime the 14th/15th.
+                let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+                let field = |n: usize| rest.get(n - 3).copied().unwrap_or("?").to_string();
+                let tid = t.file_name().to_string_lossy().into_owned();
+                let row = format!(
+                    "{} {:<16} state {} wchan {:<24} utime {} stime {}",
+                    tid,
+                    read("comm").trim(),
+                    field(3),
+                    read("wchan").trim(),
+                    field(14),
+                    field(15)
+                );
+                (tid, row)
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let first = sample();
+    std::thread::sleep(Duration::from_secs(1));
+    let second = sample();
+    let mut out = String::new();
+    for (label, rows) in [("", &first), ("1 s later: ", &second)] {
+        for (_, row) in rows.iter() {
+            out.push_str(&format!("  {label}{row}\n"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("  (none readable)\n");
+    }
+    // Debugging aid: WISP_TEST_GDB=1 adds every thread's backtrace.
+    if std::env::var_os("WISP_TEST_GDB").is_some() {
+        if let Ok(o) = std::process::Command::new("gdb")
+            .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 20"])
+            .stdin(std::process::Stdio::null())
+            .output()
+        {
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+    }
+    out
 }

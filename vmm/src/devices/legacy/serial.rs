@@ -25,7 +25,56 @@ pub struct SerialConsole {
 
 impl SerialConsole {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(IrqTrigger(irq), out) }
+        Self { uart: Serial::new(IrqTrigger(irq), Box::new(ConsoleWriter::new(out))) }
+    }
+}
+
+/// Most bytes a console line may collect before it is written anyway.
+const MAX_PENDING: usize = 4096;
+
+/// The UART flushes after every byte; this writes whole lines instead (one write(2) per
+/// line rather than per byte, and no reader woken per byte). A line without its newline
+/// waits for it, for `MAX_PENDING` bytes, or for the end of the VM (drop). Guest input is
+/// not forwarded, so no prompt waits on a partial line.
+struct ConsoleWriter {
+    out: Box<dyn Write + Send>,
+    pending: Vec<u8>,
+}
+
+impl ConsoleWriter {
+    fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { out, pending: Vec::with_capacity(256) }
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.out.write_all(&self.pending).and_then(|()| self.out.flush());
+        // A failed write loses the line, never blocks the guest on it later.
+        self.pending.clear();
+        result
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.last() == Some(&b'\n') || self.pending.len() >= MAX_PENDING {
+            self.write_pending()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for ConsoleWriter {
+    fn drop(&mut self) {
+        let _ = self.write_pending();
     }
 }
 
@@ -44,5 +93,53 @@ impl BusDevice for SerialConsole {
                 log::debug!("serial console write failed: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Records each write(2)-level call it gets.
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn byte_by_byte(w: &mut ConsoleWriter, text: &[u8]) {
+        for b in text {
+            w.write_all(&[*b]).unwrap();
+            w.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn whole_lines_are_written_once_each() {
+        let calls = Calls::default();
+        let mut w = ConsoleWriter::new(Box::new(calls.clone()));
+        byte_by_byte(&mut w, b"Linux version 6.12\nRun /init\npartial");
+        assert_eq!(*calls.0.lock().unwrap(), vec![b"Linux version 6.12\n".to_vec(), b"Run /init\n".to_vec()]);
+        drop(w);
+        assert_eq!(calls.0.lock().unwrap().last().unwrap(), b"partial", "the last partial line is written at the end");
+    }
+
+    #[test]
+    fn an_endless_line_is_written_in_bounded_pieces() {
+        let calls = Calls::default();
+        let mut w = ConsoleWriter::new(Box::new(calls.clone()));
+        byte_by_byte(&mut w, &vec![b'x'; 3 * MAX_PENDING + 5]);
+        let written = calls.0.lock().unwrap().clone();
+        assert_eq!(written.len(), 3);
+        assert!(written.iter().all(|c| c.len() == MAX_PENDING));
+        assert_eq!(w.pending.len(), 5);
     }
 }

@@ -11,9 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The default set (what `make e2e` and CI run). `cri_net` runs when named
-# (`tests/e2e.sh cri_net`): it joins the default set once it passes reliably here; its
-# last run passed 6 of 7 (a receiving wisp VM reset during a 64 MiB TCP transfer, see
-# tests/README.md).
+# (`tests/e2e.sh cri_net`): sustained TCP between two wisp VMs still trips the emulated
+# host's SVM emulation now and then (see tests/README.md).
 ALL_SUITES=(vmm_boot guest_agent ctr cri)
 
 if [ "${1:-}" = "--inside" ]; then

@@ -7,6 +7,9 @@
 #                                            FILTERs select cases by substring
 # Ends with one line: "e2e: N passed, N failed, N skipped". Each suite runs in its own
 # emulated host; a suite during which that host's kernel died runs once more.
+# One brace group: bash parses all of it before running, so editing this file cannot
+# derail a run in progress.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -102,3 +105,5 @@ echo
 [ ${#deaths[@]} = 0 ] || echo "e2e: the emulated host died ${#deaths[@]} time(s), in: ${deaths[*]} (each rerun once; the reruns are counted)"
 echo "e2e: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]
+exit
+}

@@ -104,7 +104,8 @@ fn mmio_serial_and_reset_through_the_vmm() -> CaseResult {
     let mut pio = Bus::new();
     let irq = vmm_sys_util::eventfd::EventFd::new(0)?;
     vm.fd.register_irqfd(&irq, layout::SERIAL_IRQ)?;
-    let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, Box::new(console.clone()))));
+    let uart = Arc::new(Mutex::new(SerialConsole::new(irq, Box::new(console.clone()))));
+    let serial: Arc<Mutex<dyn BusDevice>> = uart.clone();
     pio.insert(serial, u64::from(layout::SERIAL_PORT), 8)?;
     let tx = Mutex::new(exits_tx.clone());
     let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(Box::new(move || {
@@ -122,6 +123,8 @@ fn mmio_serial_and_reset_through_the_vmm() -> CaseResult {
     let _vcpus = VcpuSet::start(vec![vcpu], Arc::new(pio), Arc::new(mmio), exits_tx)?;
     let exit = exits_rx.recv_timeout(Duration::from_secs(20)).context("the payload never reset the VM")?;
     ensure_that!(exit == VmExit::GuestReset, "VM ended with {exit:?}, want GuestReset");
+    // The console writes whole lines; "virt" has no newline: the VM's end writes it.
+    uart.lock().unwrap().flush_output();
     let out = console.0.lock().unwrap().clone();
     ensure_that!(out == b"virt", "console printed {:?}, want the virtio-mmio magic \"virt\"", String::from_utf8_lossy(&out));
     Ok(Outcome::Passed)

@@ -117,6 +117,7 @@ pub struct MicroVm {
     exits_rx: Receiver<VmExit>,
     exits_tx: Sender<VmExit>,
     timeline: BootTimeline,
+    console: Arc<Mutex<SerialConsole>>,
     vm: Vm,
 }
 
@@ -186,7 +187,7 @@ impl MicroVm {
         timeline.record(Milestone::KvmReady);
 
         let (exits_tx, exits_rx) = channel();
-        let pio = Self::legacy_devices(&vm, config, &exits_tx, &timeline)?;
+        let (pio, console) = Self::legacy_devices(&vm, config, &exits_tx, &timeline)?;
 
         let mut setup = DeviceSetup {
             vm: &vm,
@@ -251,7 +252,7 @@ impl MicroVm {
 
         let vcpus = VcpuSet::start(vcpus, Arc::new(pio), Arc::new(mmio), exits_tx.clone())?;
         timeline.record(Milestone::VcpusStarted);
-        Ok(Self { vcpus: Arc::new(vcpus), vcpu_count: config.vcpus, exits_rx, exits_tx, timeline, vm })
+        Ok(Self { vcpus: Arc::new(vcpus), vcpu_count: config.vcpus, exits_rx, exits_tx, timeline, console, vm })
     }
 
     /// Opens (or takes over) every network device's tap before anything else opens files:
@@ -291,7 +292,12 @@ impl MicroVm {
             .collect()
     }
 
-    fn legacy_devices(vm: &Vm, config: &VmConfig, exits: &Sender<VmExit>, timeline: &BootTimeline) -> Result<Bus, StartError> {
+    fn legacy_devices(
+        vm: &Vm,
+        config: &VmConfig,
+        exits: &Sender<VmExit>,
+        timeline: &BootTimeline,
+    ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), StartError> {
         let mut pio = Bus::new();
         let out: Box<dyn Write + Send> = match &config.console {
             ConsoleOutput::Off => Box::new(std::io::sink()),
@@ -304,7 +310,8 @@ impl MicroVm {
         let dev_err = |device: &str, reason: String| StartError::Device { device: device.into(), reason };
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| dev_err("serial", e.to_string()))?;
         vm.fd.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(|e| dev_err("serial", e.to_string()))?;
-        let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+        let console = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+        let serial: Arc<Mutex<dyn BusDevice>> = console.clone();
         pio.insert(serial, u64::from(layout::SERIAL_PORT), 8).map_err(|e| dev_err("serial", e.to_string()))?;
 
         let reset_tx = Mutex::new(exits.clone());
@@ -318,12 +325,14 @@ impl MicroVm {
 
         let marker: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(BootMarker::new(timeline.clone())));
         pio.insert(marker, u64::from(layout::BOOT_MARKER_PORT), 1).map_err(|e| dev_err("boot marker", e.to_string()))?;
-        Ok(pio)
+        Ok((pio, console))
     }
 
     /// Blocks until the VM ends and says why.
     pub fn wait(&self) -> VmExit {
-        self.exits_rx.recv().unwrap_or_else(|_| VmExit::Error("all VM threads ended without a reason".into()))
+        let exit = self.exits_rx.recv().unwrap_or_else(|_| VmExit::Error("all VM threads ended without a reason".into()));
+        self.console.lock().unwrap_or_else(|e| e.into_inner()).flush_output();
+        exit
     }
 
     /// A sender that ends the VM when something is sent (signals, control API).

@@ -20,12 +20,19 @@ impl Trigger for IrqTrigger {
 }
 
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleWriter>,
 }
 
 impl SerialConsole {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(IrqTrigger(irq), Box::new(ConsoleWriter::new(out))) }
+        Self { uart: Serial::new(IrqTrigger(irq), ConsoleWriter::new(out)) }
+    }
+
+    /// Writes out a last line that has no newline yet (the VM ended, or a test looks).
+    pub fn flush_output(&mut self) {
+        if let Err(e) = self.uart.writer_mut().write_pending() {
+            log::debug!("serial console write failed: {e}");
+        }
     }
 }
 
@@ -34,9 +41,9 @@ const MAX_PENDING: usize = 4096;
 
 /// The UART flushes after every byte; this writes whole lines instead (one write(2) per
 /// line rather than per byte, and no reader woken per byte). A line without its newline
-/// waits for it, for `MAX_PENDING` bytes, or for the end of the VM (drop). Guest input is
+/// waits for it, for `MAX_PENDING` bytes, or for the end of the VM (`flush_output`). Guest input is
 /// not forwarded, so no prompt waits on a partial line.
-struct ConsoleWriter {
+pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
     pending: Vec<u8>,
 }

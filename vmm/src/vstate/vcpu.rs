@@ -189,7 +189,8 @@ fn run_loop(mut vcpu: Vcpu, pio: &Bus, mmio: &Bus, exits: &Sender<VmExit>, contr
                 mmio.write(addr, data);
             }
             Ok(VcpuExit::Shutdown) => {
-                // A triple fault: where the vCPU was tells a crash from a deliberate reset.
+                // A triple fault: where the vCPU was tells a crash from a deliberate reset
+                // on Intel; AMD's KVM reinitializes the VMCB first (rip 0xfff0 then).
                 let at = match (vcpu.fd.get_regs(), vcpu.fd.get_sregs()) {
                     (Ok(r), Ok(s)) => format!(
                         "vCPU {index}: rip {:#x} rsp {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",

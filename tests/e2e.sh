@@ -18,6 +18,15 @@ cd "$(dirname "$0")/.."
 # host's SVM emulation now and then (see tests/README.md).
 ALL_SUITES=(vmm_boot guest_agent ctr cri)
 
+# Adds one "NAME: N passed, N failed, N skipped" line to the totals; a run that exited
+# non-zero without a failed case counts as one failure.
+tally() { # LINE EXIT_STATUS
+    local p f s
+    read -r p f s <<<"$(echo "$1" | sed -E 's/^[a-z_0-9]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/')"
+    passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+    [ "$2" = 0 ] || [ "$f" -gt 0 ] || failed=$((failed + 1))
+}
+
 if [ "${1:-}" = "--inside" ]; then
     shift
     passed=0 failed=0 skipped=0 broken=0
@@ -35,9 +44,7 @@ if [ "${1:-}" = "--inside" ]; then
             broken=$((broken + 1))
             continue
         fi
-        read -r p f s <<<"$(echo "$line" | sed -E 's/^[a-z_]+: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/')"
-        passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
-        [ "$rc" = 0 ] || [ "$f" -gt 0 ] || broken=$((broken + 1))
+        tally "$line" "$rc"
     done
     failed=$((failed + broken))
     if [ "$failed" -gt 0 ] && [ -n "${WISP_KVMHOST:-}" ]; then
@@ -97,9 +104,7 @@ for bin in $bins; do
         failed=$((failed + 1))
         continue
     fi
-    read -r p f s <<<"$(echo "$line" | sed -E 's/^e2e: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped$/\1 \2 \3/')"
-    passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
-    [ "$rc" = 0 ] || [ "$f" -gt 0 ] || failed=$((failed + 1))
+    tally "$line" "$rc"
 done
 echo
 [ ${#deaths[@]} = 0 ] || echo "e2e: the emulated host died ${#deaths[@]} time(s), in: ${deaths[*]} (each rerun once; the reruns are counted)"

@@ -161,6 +161,22 @@ pub fn experiments() -> Vec<Experiment> {
             ],
         },
         Experiment {
+            name: "parallel_start",
+            sides: ("10 at once", "10 one by one"),
+            run: parallel_start,
+            figures: vec![FigureSpec {
+                name: "parallel_start_10",
+                unit: "ms",
+                peer_name: "10x serial",
+                target: Target::RatioAtMost(0.5),
+                target_text: "< 0.5x serial",
+                note: "Wall time until all of 10 `ctr run -d` wisp pods run, started concurrently, against the \
+                       same 10 started one after another.",
+            }],
+        },
+        // Last: sustained nested TCP is what most often faults the emulated KVM host,
+        // and a dead host ends the run (what was measured before stays in the report).
+        Experiment {
             name: "net",
             sides: ("wisp <-> wisp", "runc <-> runc"),
             run: net_throughput,
@@ -173,20 +189,6 @@ pub fn experiments() -> Vec<Experiment> {
                 note: "Pod-to-pod TCP on the CNI bridge plugin: 64 MiB through busybox `nc`, timed by the sender's \
                        own clock; two wisp pods (veth -> tc mirred -> tap -> virtio-net on each side) against two \
                        runc pods on the same bridge.",
-            }],
-        },
-        Experiment {
-            name: "parallel_start",
-            sides: ("10 at once", "10 one by one"),
-            run: parallel_start,
-            figures: vec![FigureSpec {
-                name: "parallel_start_10",
-                unit: "ms",
-                peer_name: "10x serial",
-                target: Target::RatioAtMost(0.5),
-                target_text: "< 0.5x serial",
-                note: "Wall time until all of 10 `ctr run -d` wisp pods run, started concurrently, against the \
-                       same 10 started one after another.",
             }],
         },
     ]

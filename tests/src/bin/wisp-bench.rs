@@ -32,7 +32,7 @@ const USAGE: &str =
   --out DIR           where report.md and report.json go (default target/bench)
   FILTER              only these experiments or figures (names as in the report; the
                       experiments are `boot`, `boot_agent`, `idle_memory`, `shared_fs`,
-                      `ctr_run`, `cri_lifecycle`, `idle_pod` and `parallel_start`)";
+                      `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start` and `net`)";
 
 struct Args {
     runs: usize,

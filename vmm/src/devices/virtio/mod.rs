@@ -92,6 +92,38 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
+/// Reads of a read-only configuration space `space` at `offset`: the bytes past its end
+/// (or at an offset that overflows) read as 0, as the transport promises the driver.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok());
+        *byte = at.and_then(|o| space.get(o)).copied().unwrap_or(0);
+    }
+}
+
+/// The driver wrote to a configuration space that has nothing writable (VERSION_1 with
+/// none of the features that make a field writable): logged against the guest's budget.
+pub fn ignore_config_write(warnings: &mut GuestWarnings, device: &str, offset: u64, len: usize) {
+    warnings.warn(format_args!(
+        "{device}: ignoring guest write of {len} bytes at configuration offset {offset:#x} (read-only)"
+    ));
+}
+
+/// The queues of an activation as the fixed number `N` a device serves.
+pub fn exact_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+    queues.try_into().map_err(|queues: Vec<Queue>| ActivateError::QueueCount { got: queues.len(), want: N })
+}
+
+/// Kicks the device thread once per queue, so it serves whatever the driver queued
+/// before DRIVER_OK without waiting for the guest's next notification.
+pub fn kick_queues(device: &str, events: &[EventFd]) {
+    for (index, event) in events.iter().enumerate() {
+        if let Err(e) = event.write(1) {
+            log::error!("{device}: cannot arm queue {index}: {e}");
+        }
+    }
+}
+
 /// Warnings caused by the guest (bad register accesses, malformed requests). The first
 /// few are logged at `warn` level and the rest at `debug`, so a misbehaving guest cannot
 /// flood the VMM's log. One per device or transport; the budget is never refilled, so a
@@ -128,5 +160,30 @@ impl GuestWarnings {
 impl Default for GuestWarnings {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_or_overflowing_read_zero() {
+        let space = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_space(&space, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_space(&space, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn exact_queues_names_the_count_it_wanted() {
+        let two = || vec![Queue::new(16).unwrap(), Queue::new(16).unwrap()];
+        assert!(exact_queues::<2>(two()).is_ok());
+        match exact_queues::<3>(two()) {
+            Err(ActivateError::QueueCount { got: 2, want: 3 }) => {}
+            other => panic!("unexpected: {:?}", other.map(|_| ())),
+        }
     }
 }

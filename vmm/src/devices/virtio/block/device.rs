@@ -19,7 +19,8 @@ use super::backend::{DiskError, DiskImage, IoError};
 use super::request::{BadRequest, Request, RequestType, Segment};
 use super::SEG_MAX;
 use crate::devices::virtio::{
-    ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, QueueT, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    exact_queues, ignore_config_write, kick_queues, read_config_space, ActivateError, GuestWarnings, Interrupt,
+    InterruptKind, Queue, QueueT, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Size of the request queue.
@@ -138,7 +139,10 @@ impl Block {
                 // The avail index claims requests that cannot be popped (a corrupt
                 // ring): stop instead of spinning; the next kick tries again.
                 Ok(true) => {
-                    warnings.warn(format_args!("virtio-blk {}: the avail ring index is inconsistent; waiting for a kick", disk.path().display()));
+                    warnings.warn(format_args!(
+                        "virtio-blk {}: the avail ring index is inconsistent; waiting for a kick",
+                        disk.path().display()
+                    ));
                     break;
                 }
                 Ok(false) => break,
@@ -298,19 +302,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| self.config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing in the configuration space is writable without CONFIG_WCE.
-        self.warnings.warn(format_args!(
-            "virtio-blk {}: {}-byte write at configuration offset {offset:#x} ignored",
-            self.disk.path().display(),
-            data.len()
-        ));
+        let device = format!("virtio-blk {}", self.disk.path().display());
+        ignore_config_write(&mut self.warnings, &device, offset, data.len());
     }
 
     fn activate(
@@ -322,15 +320,9 @@ impl VirtioDevice for Block {
         if self.active.is_some() {
             return Err(ActivateError::Device("virtio-blk is already active".into()));
         }
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { got, want: 1 });
-        };
+        let [queue] = exact_queues(queues)?;
         self.active = Some(Active { mem, interrupt, queue });
-        // Serve whatever the driver queued before DRIVER_OK without waiting for a kick.
-        if let Err(e) = self.queue_events[0].write(1) {
-            log::error!("virtio-blk {}: cannot arm the request queue: {e}", self.disk.path().display());
-        }
+        kick_queues(&format!("virtio-blk {}", self.disk.path().display()), &self.queue_events);
         Ok(())
     }
 

@@ -19,7 +19,8 @@ use super::backend::{BackendError, GuardedFs};
 use super::config::{ConfigError, SharedDirConfig, TAG_MAX_LEN};
 use super::request;
 use crate::devices::virtio::{
-    ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, QueueT, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
+    ignore_config_write, kick_queues, read_config_space, ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue,
+    QueueT, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
 };
 
 /// Size of each request queue. Linux caps a request at the queue size minus 4 pages, so
@@ -156,7 +157,9 @@ impl SharedDir {
                 // The avail index claims requests that cannot be popped (a corrupt
                 // ring): stop instead of spinning; the next kick tries again.
                 Ok(true) => {
-                    warnings.warn(format_args!("virtio-fs {tag}: queue {index}: the avail ring index is inconsistent; waiting for a kick"));
+                    warnings.warn(format_args!(
+                        "virtio-fs {tag}: queue {index}: the avail ring index is inconsistent; waiting for a kick"
+                    ));
                     break;
                 }
                 Ok(false) => break,
@@ -221,18 +224,11 @@ impl VirtioDevice for SharedDir {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| self.config.get(o)).copied().unwrap_or(0);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.warnings.warn(format_args!(
-            "virtio-fs {}: {}-byte write at configuration offset {offset:#x} ignored (read-only)",
-            self.tag,
-            data.len()
-        ));
+        ignore_config_write(&mut self.warnings, &format!("virtio-fs {}", self.tag), offset, data.len());
     }
 
     fn activate(
@@ -250,12 +246,7 @@ impl VirtioDevice for SharedDir {
             return Err(ActivateError::QueueCount { got, want: most });
         }
         self.active = Some(Active { mem, interrupt, queues });
-        // Serve whatever the driver queued before DRIVER_OK without waiting for a kick.
-        for (index, event) in self.queue_events.iter().enumerate().take(got) {
-            if let Err(e) = event.write(1) {
-                log::error!("virtio-fs {}: cannot arm queue {index}: {e}", self.tag);
-            }
-        }
+        kick_queues(&format!("virtio-fs {}", self.tag), &self.queue_events[..got]);
         Ok(())
     }
 

@@ -25,7 +25,8 @@ use super::tap::TapLink;
 use super::tx::TxPath;
 use super::{MacAddr, MIN_MTU};
 use crate::devices::virtio::{
-    ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, QueueT, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    exact_queues, ignore_config_write, read_config_space, ActivateError, GuestWarnings, Interrupt, InterruptKind,
+    Queue, QueueT, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 
 /// Entries per queue.
@@ -255,23 +256,11 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| usize::try_from(at).ok())
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // With VERSION_1 the whole configuration space is read-only for the driver.
-        self.warnings.warn(format_args!(
-            "{}: ignoring guest write of {} bytes at configuration offset {offset} (read-only)",
-            self.name,
-            data.len()
-        ));
+        ignore_config_write(&mut self.warnings, &self.name, offset, data.len());
     }
 
     fn activate(
@@ -283,9 +272,7 @@ impl VirtioDevice for Net {
         if self.active.is_some() {
             return Err(ActivateError::Device(format!("{} is already active", self.name)));
         }
-        let [rx, tx]: [Queue; NUM_QUEUES] = queues
-            .try_into()
-            .map_err(|queues: Vec<Queue>| ActivateError::QueueCount { got: queues.len(), want: NUM_QUEUES })?;
+        let [rx, tx] = exact_queues::<NUM_QUEUES>(queues)?;
         let offloads = tap_offloads(self.acked_features);
         self.link.set_offload(offloads).map_err(|e| {
             ActivateError::Device(format!(

@@ -12,7 +12,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::virtio::{
-    ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, QueueT, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    exact_queues, ignore_config_write, kick_queues, ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue,
+    QueueT, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 /// Size of the request queue.
@@ -239,10 +240,7 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.warnings.warn(format_args!(
-            "virtio-rng: {}-byte write at configuration offset {offset:#x}, but there is no configuration space",
-            data.len()
-        ));
+        ignore_config_write(&mut self.warnings, "virtio-rng", offset, data.len());
     }
 
     fn activate(
@@ -254,15 +252,9 @@ impl VirtioDevice for Rng {
         if self.active.is_some() {
             return Err(ActivateError::Device("virtio-rng is already active".into()));
         }
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { got, want: 1 });
-        };
+        let [queue] = exact_queues(queues)?;
         self.active = Some(Active { mem, interrupt, queue });
-        // Serve whatever the driver queued before DRIVER_OK without waiting for a kick.
-        if let Err(e) = self.queue_events[0].write(1) {
-            log::error!("virtio-rng: cannot arm the request queue: {e}");
-        }
+        kick_queues("virtio-rng", &self.queue_events);
         Ok(())
     }
 

@@ -23,7 +23,8 @@ use super::muxer::{MuxerError, VsockMuxer};
 use super::packet::{read_tx_packet, RxBuffer, MAX_PKT_DATA};
 use super::{Timeouts, VSOCK_HOST_CID};
 use crate::devices::virtio::{
-    ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    exact_queues, ignore_config_write, read_config_space, ActivateError, GuestWarnings, Interrupt, InterruptKind,
+    Queue, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Entries per queue.
@@ -223,9 +224,9 @@ impl Vsock {
         }
         let result = match next {
             // A zero duration would disarm the timer.
-            Some(deadline) => self
-                .timer
-                .reset(deadline.saturating_duration_since(now).max(Duration::from_millis(1)), None),
+            Some(deadline) => {
+                self.timer.reset(deadline.saturating_duration_since(now).max(Duration::from_millis(1)), None)
+            }
             None => self.timer.clear(),
         };
         match result {
@@ -257,21 +258,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| usize::try_from(at).ok())
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
-        }
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.warnings.warn(format_args!(
-            "vsock: ignoring guest write of {} bytes at configuration offset {offset} (read-only)",
-            data.len()
-        ));
+        ignore_config_write(&mut self.warnings, "vsock", offset, data.len());
     }
 
     fn activate(
@@ -280,9 +271,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [rx, tx, event]: [Queue; NUM_QUEUES] = queues
-            .try_into()
-            .map_err(|queues: Vec<Queue>| ActivateError::QueueCount { got: queues.len(), want: NUM_QUEUES })?;
+        let [rx, tx, event] = exact_queues::<NUM_QUEUES>(queues)?;
         self.control_event
             .write(1)
             .map_err(|e| ActivateError::Device(format!("vsock: cannot wake the device thread: {e}")))?;
@@ -347,10 +336,7 @@ mod tests {
         let mem = crate::devices::virtio::vsock::test_utils::leak_memory().clone();
         let interrupt = crate::devices::virtio::vsock::test_utils::RecordingInterrupt::new();
         let queues = vec![Queue::new(QUEUE_SIZE).unwrap()];
-        assert!(matches!(
-            dev.activate(mem, interrupt, queues),
-            Err(ActivateError::QueueCount { got: 1, want: 3 })
-        ));
+        assert!(matches!(dev.activate(mem, interrupt, queues), Err(ActivateError::QueueCount { got: 1, want: 3 })));
         assert!(!dev.is_activated());
     }
 }

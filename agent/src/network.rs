@@ -8,15 +8,12 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use wisp_netlink::{NetlinkError, RouteSocket};
 use wisp_protocols::agent::{Interface, IpAddress, Route};
 
 use crate::sandbox::ErrorClass;
@@ -29,8 +26,8 @@ pub enum NetworkError {
     NoSuchMac(String),
     #[error("no guest interface is named {0:?}")]
     NoSuchDevice(String),
-    #[error("netlink {op}: {msg}")]
-    Netlink { op: &'static str, msg: String },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
 }
 
 impl NetworkError {
@@ -38,7 +35,7 @@ impl NetworkError {
         match self {
             Self::Invalid(_) => ErrorClass::InvalidArgument,
             Self::NoSuchMac(_) | Self::NoSuchDevice(_) => ErrorClass::NotFound,
-            Self::Netlink { .. } => ErrorClass::Internal,
+            Self::Netlink(_) => ErrorClass::Internal,
         }
     }
 }
@@ -111,72 +108,20 @@ fn route_addr(a: IpAddr) -> RouteAddress {
     }
 }
 
-struct Netlink {
-    sock: Socket,
-    seq: u32,
-}
+/// The guest's rtnetlink socket, with the agent's requests.
+struct Netlink(RouteSocket);
 
 impl Netlink {
     fn open() -> Result<Self> {
-        let err = |e: std::io::Error| NetworkError::Netlink { op: "socket", msg: e.to_string() };
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(err)?;
-        sock.bind_auto().map_err(err)?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-        Ok(Self { sock, seq: 0 })
+        Ok(Self(RouteSocket::open()?))
     }
 
-    /// Sends one request and collects the answers until DONE or the ACK.
-    fn request(&mut self, op: &'static str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
-        let err = |msg: String| NetworkError::Netlink { op, msg };
-        self.seq += 1;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        nl.finalize();
-        let mut buf = vec![0u8; nl.buffer_len()];
-        nl.serialize(&mut buf);
-        self.sock.send(&buf, 0).map_err(|e| err(e.to_string()))?;
-        let mut out = Vec::new();
-        loop {
-            let (data, _) = self.sock.recv_from_full().map_err(|e| err(e.to_string()))?;
-            let mut off = 0;
-            while off < data.len() {
-                let msg =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..]).map_err(|e| err(e.to_string()))?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    return Ok(out);
-                }
-                off += (len + 3) & !3;
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => match e.code {
-                        None => return Ok(out),
-                        Some(code) => return Err(err(std::io::Error::from_raw_os_error(-code.get()).to_string())),
-                    },
-                    NetlinkPayload::InnerMessage(m) => out.push(m),
-                    _ => {}
-                }
-            }
-            if flags & NLM_F_DUMP == 0 && flags & NLM_F_ACK == 0 {
-                return Ok(out);
-            }
-        }
+    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+        Ok(self.0.request(op, msg, flags)?)
     }
 
     fn links(&mut self) -> Result<Vec<LinkMessage>> {
-        let answers = self.request("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })
-            .collect())
+        Ok(self.0.links()?)
     }
 
     fn link_by_mac(&mut self, mac: &[u8; 6]) -> Result<Option<LinkMessage>> {

@@ -23,9 +23,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
@@ -37,8 +35,8 @@ use netlink_packet_route::tc::{
     TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use serde_json::Value;
+use wisp_netlink::{NetlinkError, RouteSocket};
 use wisp_protocols::agent::{Interface, IpAddress, Route};
 
 use crate::vm::NetDevice;
@@ -49,12 +47,6 @@ const INGRESS_HANDLE: TcHandle = TcHandle { major: 0xffff, minor: 0 };
 const FILTER_PRIO: u32 = 1;
 /// ETH_P_ALL: the filters see every protocol.
 const ETH_P_ALL: u16 = 0x0003;
-/// Flags of the ack/error messages (netlink(7)): the request was truncated in the echo,
-/// extended-ack attributes follow.
-const NLM_F_CAPPED: u16 = 0x100;
-const NLM_F_ACK_TLVS: u16 = 0x200;
-/// Extended-ack attribute carrying the kernel's error text.
-const NLMSGERR_ATTR_MSG: u16 = 1;
 const TUN_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
 const TUNSETIFF: libc::c_ulong = nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()) as _;
 /// Netlink errors that mean "already gone" during teardown.
@@ -75,6 +67,13 @@ pub enum NetworkError {
 }
 
 type Result<T> = std::result::Result<T, NetworkError>;
+
+impl From<NetlinkError> for NetworkError {
+    fn from(e: NetlinkError) -> Self {
+        let NetlinkError { op, errno, msg } = e;
+        NetworkError::Netlink { op, errno, msg }
+    }
+}
 
 /// The pod's network namespace from the sandbox container's spec: the `path` of the
 /// `linux.namespaces` entry of type `network`. None when there is no such entry (host
@@ -534,127 +533,20 @@ fn redirect_filter(from: u32, to: u32) -> TcMessage {
     m
 }
 
-/// Serializes one request.
-fn encode(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | flags;
-    header.sequence_number = seq;
-    let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-    nl.finalize();
-    let mut buf = vec![0u8; nl.buffer_len()];
-    nl.serialize(&mut buf);
-    buf
-}
-
-/// Splits one datagram from the kernel into its messages.
-fn decode(data: &[u8]) -> std::result::Result<Vec<NetlinkMessage<RouteNetlinkMessage>>, String> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off < data.len() {
-        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..]).map_err(|e| e.to_string())?;
-        let len = msg.header.length as usize;
-        if len == 0 {
-            break;
-        }
-        off += (len + 3) & !3;
-        out.push(msg);
-    }
-    Ok(out)
-}
-
-/// The kernel's error text from an error message's payload (the echoed request, whole
-/// or capped to its header, then extended-ack attributes), if it sent one.
-fn ext_ack_message(flags: u16, payload: &[u8]) -> Option<String> {
-    if flags & NLM_F_ACK_TLVS == 0 {
-        return None;
-    }
-    let echoed =
-        if flags & NLM_F_CAPPED != 0 { 16 } else { u32::from_ne_bytes(payload.get(0..4)?.try_into().ok()?) as usize };
-    let mut off = (echoed + 3) & !3;
-    while off + 4 <= payload.len() {
-        let len = u16::from_ne_bytes([payload[off], payload[off + 1]]) as usize;
-        let kind = u16::from_ne_bytes([payload[off + 2], payload[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > payload.len() {
-            return None;
-        }
-        if kind == NLMSGERR_ATTR_MSG {
-            let text = String::from_utf8_lossy(&payload[off + 4..off + len]);
-            let text = text.trim_end_matches('\0').trim();
-            return (!text.is_empty()).then(|| text.to_string());
-        }
-        off += (len + 3) & !3;
-    }
-    None
-}
-
-/// A synchronous rtnetlink socket (bound to the namespace it was opened in).
-struct Netlink {
-    sock: Socket,
-    seq: u32,
-}
+/// The rtnetlink socket of the namespace it was opened in, with the shim's requests.
+struct Netlink(RouteSocket);
 
 impl Netlink {
     fn open() -> Result<Self> {
-        let err = |e: std::io::Error| NetworkError::Netlink {
-            op: "socket".into(),
-            errno: e.raw_os_error().unwrap_or(0),
-            msg: e.to_string(),
-        };
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(err)?;
-        sock.bind_auto().map_err(err)?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-        // Error texts from the kernel, and short echoes; older kernels lack them: fine.
-        let _ = sock.set_ext_ack(true);
-        let _ = sock.set_cap_ack(true);
-        Ok(Self { sock, seq: 0 })
+        Ok(Self(RouteSocket::open()?))
     }
 
-    /// Sends one request and collects the answers until DONE or the ACK.
     fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
-        let err = |errno: i32, msg: String| NetworkError::Netlink { op: op.into(), errno, msg };
-        self.seq = self.seq.wrapping_add(1);
-        let buf = encode(msg, flags, self.seq);
-        self.sock.send(&buf, 0).map_err(|e| err(e.raw_os_error().unwrap_or(0), e.to_string()))?;
-        let mut out = Vec::new();
-        loop {
-            let (data, _) =
-                self.sock.recv_from_full().map_err(|e| err(e.raw_os_error().unwrap_or(0), e.to_string()))?;
-            for msg in decode(&data).map_err(|e| err(0, e))? {
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => match e.code {
-                        None => return Ok(out),
-                        Some(code) => {
-                            let errno = -code.get();
-                            let mut text = std::io::Error::from_raw_os_error(errno).to_string();
-                            if let Some(ext) = ext_ack_message(msg.header.flags, &e.header) {
-                                text = format!("{ext} ({text})");
-                            }
-                            return Err(err(errno, text));
-                        }
-                    },
-                    NetlinkPayload::InnerMessage(m) => out.push(m),
-                    _ => {}
-                }
-            }
-            if flags & NLM_F_DUMP == 0 && flags & NLM_F_ACK == 0 {
-                return Ok(out);
-            }
-        }
+        Ok(self.0.request(op, msg, flags)?)
     }
 
     fn links(&mut self) -> Result<Vec<LinkMessage>> {
-        let answers = self.request("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })
-            .collect())
+        Ok(self.0.links()?)
     }
 
     fn index_of(&mut self, name: &str) -> Result<u32> {
@@ -834,13 +726,13 @@ mod tests {
     fn through_the_wire(msgs: Vec<RouteMessage>) -> Vec<RouteMessage> {
         let mut data = Vec::new();
         for m in msgs {
-            data.extend(encode(RouteNetlinkMessage::NewRoute(m), NLM_F_DUMP, 9));
+            data.extend(wisp_netlink::encode(RouteNetlinkMessage::NewRoute(m), NLM_F_DUMP, 9));
         }
-        decode(&data)
+        wisp_netlink::decode(&data)
             .unwrap()
             .into_iter()
             .map(|m| match m.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => r,
+                netlink_packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => r,
                 other => panic!("{other:?}"),
             })
             .collect()
@@ -993,27 +885,6 @@ mod tests {
             (p.eaction, p.ifindex, p.generic.action),
             (TcMirrorActionType::EgressRedir, 9, TcActionType::Stolen)
         );
-    }
-
-    #[test]
-    fn kernel_error_texts_are_read_from_extended_acks() {
-        // Capped echo (16 bytes of the request's header), then NLMSGERR_ATTR_MSG.
-        let mut payload = vec![0u8; 16];
-        let text = b"Specified qdisc kind is unknown\0";
-        payload.extend(((4 + text.len()) as u16).to_ne_bytes());
-        payload.extend(NLMSGERR_ATTR_MSG.to_ne_bytes());
-        payload.extend(text);
-        let flags = NLM_F_CAPPED | NLM_F_ACK_TLVS;
-        assert_eq!(ext_ack_message(flags, &payload).as_deref(), Some("Specified qdisc kind is unknown"));
-        assert_eq!(ext_ack_message(NLM_F_CAPPED, &payload), None);
-        // Not capped: the whole request (its length first) comes before the attributes.
-        let mut whole = vec![0u8; 20];
-        whole[0..4].copy_from_slice(&20u32.to_ne_bytes());
-        whole.extend(&payload[16..]);
-        assert_eq!(ext_ack_message(NLM_F_ACK_TLVS, &whole).as_deref(), Some("Specified qdisc kind is unknown"));
-        // Truncated or garbage attributes are ignored.
-        assert_eq!(ext_ack_message(flags, &payload[..20]), None);
-        assert_eq!(ext_ack_message(NLM_F_ACK_TLVS, &[0xff; 3]), None);
     }
 
     #[test]

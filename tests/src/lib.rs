@@ -8,6 +8,7 @@ pub mod harness;
 pub mod image;
 pub mod pattern;
 pub mod process;
+pub mod procs;
 pub mod rootfs;
 
 use std::path::PathBuf;
@@ -19,6 +20,16 @@ pub fn workspace_root() -> PathBuf {
 
 /// A built artifact under `target/`, e.g. `artifact("release/wisp-vmm")`.
 pub fn artifact(rel: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     target.join(rel)
+}
+
+/// Why a test needing these artifacts (paths under `target/`) cannot run, if one is missing.
+pub fn need_built(paths: &[&str]) -> Option<String> {
+    paths
+        .iter()
+        .map(|p| artifact(p))
+        .find(|p| !p.exists())
+        .map(|p| format!("{} is missing: run `make build guest` first", p.display()))
 }

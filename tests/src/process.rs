@@ -31,10 +31,8 @@ impl Watched {
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
-        let pipes: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(child.stdout.take().context("stdout")?),
-            Box::new(child.stderr.take().context("stderr")?),
-        ];
+        let pipes: Vec<Box<dyn Read + Send>> =
+            vec![Box::new(child.stdout.take().context("stdout")?), Box::new(child.stderr.take().context("stderr")?)];
         for mut pipe in pipes {
             let out = out.clone();
             std::thread::spawn(move || {
@@ -164,7 +162,11 @@ impl Drop for Watched {
 }
 
 /// Runs `cmd` to completion with `stdin` fed to it, killing it after `timeout`.
-pub fn output_within(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> anyhow::Result<std::process::Output> {
+pub fn output_within(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<std::process::Output> {
     use std::io::Write;
     let mut child = cmd
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -208,7 +210,11 @@ pub fn output_within(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration)
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Ok(std::process::Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
+    Ok(std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
 }
 
 /// Each thread of process `pid`: name, scheduler state, kernel wait channel and CPU time,
@@ -222,7 +228,8 @@ pub fn thread_report(pid: u32) -> String {
                 let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
                 let stat = read("stat");
                 // Fields after the parenthesised name: state is the 3rd, utime/stime the 14th/15th.
-                let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+                let rest: Vec<&str> =
+                    stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
                 let field = |n: usize| rest.get(n - 3).copied().unwrap_or("?").to_string();
                 let tid = t.file_name().to_string_lossy().into_owned();
                 let row = format!(

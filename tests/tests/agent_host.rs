@@ -884,7 +884,10 @@ fn bad_requests_leave_nothing_behind() -> CaseResult {
     // Another container's cgroup is not joined, and not torn down by the failure.
     let mut steal = good.clone();
     steal["linux"]["cgroupsPath"] = json!(format!("{}/c1", a.cgroup_parent));
-    ensure_that!(code_of(a.create("thief", &steal, StdioSpec::default(), false))? == ttrpc::Code::FAILED_PRECONDITION, "cgroup of c1 reused");
+    ensure_that!(
+        code_of(a.create("thief", &steal, StdioSpec::default(), false))? == ttrpc::Code::FAILED_PRECONDITION,
+        "cgroup of c1 reused"
+    );
     ensure_that!(a.leftovers("c1").len() == a.cgroup_dirs().len() + 2, "c1 damaged: {:?}", a.leftovers("c1"));
     ensure_that!(
         code_of(a.create("c1", &good, StdioSpec::default(), false))? == ttrpc::Code::ALREADY_EXISTS,

@@ -23,25 +23,22 @@ use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::cri::{self, v1 as api, CallError, ContainerConfig, Cri, PodConfig};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::PAUSE_IMAGE;
+use wisp_tests::procs::{
+    all_vmm_pids, describe, host_kernel, mounts_under, parent, processes, shim_pids, vmm_pids, STATE_DIR,
+};
 use wisp_tests::rootfs::need_busybox;
-use wisp_tests::{artifact, ensure_that, skip_unless};
+use wisp_tests::{ensure_that, need_built, skip_unless};
 
 const WISP: &str = "wisp";
 const RUNC: &str = "runc";
 /// wisp's state directory (the default; the test config does not change it).
-const STATE_DIR: &str = "/run/wisp";
 /// Guest consoles go to /run/wisp/<sid>/console.log (shown when a case fails).
 const DEBUG: &str = "[runtime]\ndebug = true\n";
 /// How long a container may take to exit on its own, or teardown to finish, under TCG.
 const SETTLE: Duration = Duration::from_secs(120);
 
 fn need_artifacts() -> Option<String> {
-    for p in ["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"] {
-        if !artifact(p).exists() {
-            return Some(format!("{} is missing: run `make build guest` first", artifact(p).display()));
-        }
-    }
-    None
+    need_built(&["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
 }
 
 macro_rules! skip_unless_wisp_ready {
@@ -219,7 +216,7 @@ impl Env {
         let dir = Path::new(STATE_DIR).join(sid);
         let deadline = Instant::now() + SETTLE;
         loop {
-            let (vmms, shims, mounts) = (vmm_pids(sid), shim_pids(sid), mounts_under(&dir));
+            let (vmms, shims, mounts) = (vmm_pids(sid), shim_pids(sid), mounts_under(&[&dir]));
             if vmms.is_empty() && shims.is_empty() && mounts.is_empty() && !dir.exists() {
                 return Ok(());
             }
@@ -267,89 +264,12 @@ impl Drop for Env {
     }
 }
 
-/// Live processes (zombies excluded) running `prog` whose arguments satisfy `pred`.
-fn processes(prog: &str, pred: impl Fn(&[String]) -> bool) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let Some(argv0) = args.first() else { continue };
-        if Path::new(argv0).file_name().is_none_or(|n| n != prog) || !pred(&args) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
-            continue;
-        }
-        out.push(pid);
-    }
-    out
-}
-
-/// A process for a failure report: command line, state, and where each thread waits.
-fn describe(pid: u32) -> String {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
-    let mut out = format!("pid {pid}: {}\n", String::from_utf8_lossy(&cmdline).replace('\0', " "));
-    let status = std::fs::read_to_string(proc.join("status")).unwrap_or_default();
-    for l in status.lines().filter(|l| l.starts_with("State:") || l.starts_with("PPid:")) {
-        out += &format!("  {l}\n");
-    }
-    for t in std::fs::read_dir(proc.join("task")).into_iter().flatten().flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
-        let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
-        let top: Vec<&str> = stack.lines().take(4).collect();
-        out += &format!("  thread {:?} {}: wchan {wchan} {}\n", t.file_name(), comm.trim(), top.join(" < "));
-    }
-    out
-}
-
-/// The wisp-vmm processes of a pod (their sockets live in its state directory).
-fn vmm_pids(sid: &str) -> Vec<u32> {
-    let dir = format!("{STATE_DIR}/{sid}/");
-    processes("wisp-vmm", |args| args.iter().any(|a| a.contains(&dir)))
-}
-
-fn all_vmm_pids() -> Vec<u32> {
-    processes("wisp-vmm", |_| true)
-}
-
 impl Env {
     /// The wisp shims this containerd started (`-address <its socket>`).
     fn shims(&self) -> Vec<u32> {
         let address = self.c.socket.display().to_string();
         processes("containerd-shim-wisp-v2", |args| args.windows(2).any(|w| w[0] == "-address" && w[1] == address))
     }
-}
-
-fn parent(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
-}
-
-/// The shim serving a pod: started with `-id <sandbox id>` (the first container's id).
-fn shim_pids(sid: &str) -> Vec<u32> {
-    processes("containerd-shim-wisp-v2", |args| args.windows(2).any(|w| w[0] == "-id" && w[1] == sid))
-}
-
-/// Mount points at or below `dir`.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .map(String::from)
-        .collect()
-}
-
-fn host_kernel() -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string())
 }
 
 /// The container's CRI log, parsed, once `want` holds for it (the log may trail the exit).
@@ -608,7 +528,7 @@ fn stop_and_remove_leave_nothing() -> CaseResult {
     let shims = shim_pids(&sid);
     ensure_that!(shims.len() == 1, "pod {sid}: shim processes {shims:?}, want one");
     let dir = Path::new(STATE_DIR).join(&sid);
-    let mounts = mounts_under(&dir);
+    let mounts = mounts_under(&[&dir]);
     ensure_that!(
         !mounts.is_empty(),
         "no mounts under {} while the pod runs: the check below would prove nothing",

@@ -24,13 +24,15 @@ use wisp_tests::cri::{v1 as api, CallError, ContainerConfig, Cri, ExecResult, Po
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::PAUSE_IMAGE;
 use wisp_tests::process::output_within;
+use wisp_tests::procs::{
+    all_shim_pids, all_vmm_pids, host_kernel, mounts_under, processes, shim_pids, vmm_pids, STATE_DIR,
+};
 use wisp_tests::rootfs::{need_busybox, HOST_BUSYBOX};
-use wisp_tests::{artifact, ensure_that, skip_unless};
+use wisp_tests::{artifact, ensure_that, need_built, skip_unless};
 
 const WISP: &str = "wisp";
 const RUNC: &str = "runc";
 /// wisp's state directory (the default; the test config does not change it).
-const STATE_DIR: &str = "/run/wisp";
 /// Guest consoles go to /run/wisp/<sid>/console.log; the shim logs their tail when a VM ends.
 const DEBUG: &str = "[runtime]\ndebug = true\n";
 /// How long teardown may take to finish after the CRI call returned, under TCG.
@@ -87,12 +89,7 @@ fn conflist() -> String {
 }
 
 fn need_artifacts() -> Option<String> {
-    for p in ["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"] {
-        if !artifact(p).exists() {
-            return Some(format!("{} is missing: run `make build guest` first", artifact(p).display()));
-        }
-    }
-    None
+    need_built(&["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
 }
 
 /// The CNI plugins and the host tools the checks use.
@@ -210,16 +207,6 @@ fn netns_files() -> BTreeSet<String> {
         .collect()
 }
 
-/// Mount points at or below any of `dirs`.
-fn mounts_under(dirs: &[&Path]) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| dirs.iter().any(|d| Path::new(m).starts_with(d)))
-        .map(String::from)
-        .collect()
-}
-
 fn state_dirs() -> Vec<PathBuf> {
     std::fs::read_dir(STATE_DIR).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
 }
@@ -230,52 +217,6 @@ fn delete_bridge() {
             eprintln!("cri_net: deleting {BRIDGE}: {e:#}");
         }
     }
-}
-
-/// Live processes (zombies excluded) running `prog` whose arguments satisfy `pred`.
-fn processes(prog: &str, pred: impl Fn(&[String]) -> bool) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let Some(argv0) = args.first() else { continue };
-        if Path::new(argv0).file_name().is_none_or(|n| n != prog) || !pred(&args) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
-            continue;
-        }
-        out.push(pid);
-    }
-    out
-}
-
-/// The wisp-vmm processes of a pod (their sockets live in its state directory).
-fn vmm_pids(sid: &str) -> Vec<u32> {
-    let dir = format!("{STATE_DIR}/{sid}/");
-    processes("wisp-vmm", |args| args.iter().any(|a| a.contains(&dir)))
-}
-
-fn all_vmm_pids() -> Vec<u32> {
-    processes("wisp-vmm", |_| true)
-}
-
-fn shim_pids(sid: &str) -> Vec<u32> {
-    processes("containerd-shim-wisp-v2", |args| args.windows(2).any(|w| w[0] == "-id" && w[1] == sid))
-}
-
-fn all_shim_pids() -> Vec<u32> {
-    processes("containerd-shim-wisp-v2", |_| true)
-}
-
-fn host_kernel() -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string())
 }
 
 /// The network namespace path in the sandbox container's spec (containerd's verbose

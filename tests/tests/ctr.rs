@@ -8,17 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
-use wisp_tests::{artifact, ensure_that, skip_unless};
+use wisp_tests::{ensure_that, need_built, skip_unless};
 
 const RUNTIME: &str = "io.containerd.wisp.v2";
 
 fn need_artifacts() -> Option<String> {
-    for p in ["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"] {
-        if !artifact(p).exists() {
-            return Some(format!("{} is missing: run `make build guest` first", artifact(p).display()));
-        }
-    }
-    None
+    need_built(&["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
 }
 
 macro_rules! skip_unless_ready {
@@ -81,13 +76,19 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let vmms = Command::new("pgrep").args(["-x", "wisp-vmm"]).output()?.stdout;
-            let dirs: Vec<_> = std::fs::read_dir("/run/wisp").map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
-            let mounts = std::fs::read_to_string("/proc/self/mountinfo")?.lines().filter(|l| l.contains("/run/wisp/")).count();
+            let dirs: Vec<_> = std::fs::read_dir("/run/wisp")
+                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+                .unwrap_or_default();
+            let mounts =
+                std::fs::read_to_string("/proc/self/mountinfo")?.lines().filter(|l| l.contains("/run/wisp/")).count();
             if vmms.is_empty() && dirs.is_empty() && mounts == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("left behind: wisp-vmm pids {:?}, dirs {dirs:?}, {mounts} mounts", String::from_utf8_lossy(&vmms));
+                bail!(
+                    "left behind: wisp-vmm pids {:?}, dirs {dirs:?}, {mounts} mounts",
+                    String::from_utf8_lossy(&vmms)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -100,7 +101,13 @@ fn tail(s: &str) -> String {
 }
 
 fn check(r: &Run, want_code: i32, what: &str) -> anyhow::Result<()> {
-    ensure_that!(r.code == want_code, "{what}: exit {} (want {want_code}); stdout:\n{}\nstderr:\n{}", r.code, tail(&r.stdout), r.stderr);
+    ensure_that!(
+        r.code == want_code,
+        "{what}: exit {} (want {want_code}); stdout:\n{}\nstderr:\n{}",
+        r.code,
+        tail(&r.stdout),
+        r.stderr
+    );
     Ok(())
 }
 
@@ -110,7 +117,12 @@ fn guest_kernel_differs_from_host() -> CaseResult {
     let r = e.run("uname", &[], &["uname", "-r"], None)?;
     check(&r, 0, "uname -r")?;
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
-    ensure_that!(!r.stdout.trim().is_empty() && r.stdout.trim() != host.trim(), "guest kernel {:?} vs host {:?}", r.stdout.trim(), host.trim());
+    ensure_that!(
+        !r.stdout.trim().is_empty() && r.stdout.trim() != host.trim(),
+        "guest kernel {:?} vs host {:?}",
+        r.stdout.trim(),
+        host.trim()
+    );
     e.assert_clean()?;
     Ok(Outcome::Passed)
 }
@@ -119,14 +131,20 @@ fn exit_codes_env_cwd_and_stdin() -> CaseResult {
     skip_unless_ready!();
     let e = env()?;
     check(&e.run("exit7", &[], &["sh", "-c", "exit 7"], None)?, 7, "exit 7")?;
-    let r = e.run("envcwd", &["--env", "WISP_TEST=hello", "--cwd", "/tmp"], &["sh", "-c", "echo $WISP_TEST $(pwd)"], None)?;
+    let r =
+        e.run("envcwd", &["--env", "WISP_TEST=hello", "--cwd", "/tmp"], &["sh", "-c", "echo $WISP_TEST $(pwd)"], None)?;
     check(&r, 0, "env/cwd")?;
     ensure_that!(r.stdout.trim() == "hello /tmp", "env/cwd printed {:?}", r.stdout);
     let r = e.run("stdin", &[], &["sh", "-c", "wc -c; echo done"], Some(&vec![b'x'; 100_000]))?;
     check(&r, 0, "stdin")?;
     ensure_that!(r.stdout.split_whitespace().collect::<Vec<_>>() == ["100000", "done"], "stdin: {:?}", r.stdout);
     let r = e.run("stderr", &[], &["sh", "-c", "echo to-err >&2; echo to-out"], None)?;
-    ensure_that!(r.stdout.trim() == "to-out" && r.stderr.contains("to-err"), "streams mixed: {:?} / {:?}", r.stdout, r.stderr);
+    ensure_that!(
+        r.stdout.trim() == "to-out" && r.stderr.contains("to-err"),
+        "streams mixed: {:?} / {:?}",
+        r.stdout,
+        r.stderr
+    );
     e.assert_clean()?;
     Ok(Outcome::Passed)
 }
@@ -138,7 +156,12 @@ fn large_output_arrives_complete() -> CaseResult {
     check(&r, 0, "seq")?;
     let lines: Vec<&str> = r.stdout.lines().collect();
     ensure_that!(lines.len() == 200_000, "got {} lines", lines.len());
-    ensure_that!(lines.first() == Some(&"1") && lines.last() == Some(&"200000"), "first/last {:?} {:?}", lines.first(), lines.last());
+    ensure_that!(
+        lines.first() == Some(&"1") && lines.last() == Some(&"200000"),
+        "first/last {:?} {:?}",
+        lines.first(),
+        lines.last()
+    );
     e.assert_clean()?;
     Ok(Outcome::Passed)
 }
@@ -164,7 +187,11 @@ fn tty() -> CaseResult {
         wisp_tests::containerd::NAMESPACE,
         e.image
     );
-    let out = wisp_tests::process::output_within(Command::new("script").args(["-qec", &ctr, "/dev/null"]), None, Duration::from_secs(300))?;
+    let out = wisp_tests::process::output_within(
+        Command::new("script").args(["-qec", &ctr, "/dev/null"]),
+        None,
+        Duration::from_secs(300),
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure_that!(text.contains("/dev/pts/"), "no pty in the container: {text:?}");
     e.assert_clean()?;
@@ -176,10 +203,19 @@ fn exec_kill_pause_metrics() -> CaseResult {
     let e = env()?;
     e.ok(&["run", "-d", "--runtime", RUNTIME, &e.image, "long", "sleep", "600"])?;
     let out = e.c.ctr_output(&["task", "exec", "--exec-id", "e1", "long", "sh", "-c", "echo in-exec; exit 3"])?;
-    ensure_that!(out.status.code() == Some(3), "exec exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    ensure_that!(
+        out.status.code() == Some(3),
+        "exec exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure_that!(String::from_utf8_lossy(&out.stdout).contains("in-exec"), "exec output missing");
     let out = e.c.ctr_output(&["task", "exec", "--exec-id", "e2", "--user", "1000", "long", "id", "-u"])?;
-    ensure_that!(String::from_utf8_lossy(&out.stdout).trim() == "1000", "exec --user 1000: {:?}", String::from_utf8_lossy(&out.stdout));
+    ensure_that!(
+        String::from_utf8_lossy(&out.stdout).trim() == "1000",
+        "exec --user 1000: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let ps = e.ok(&["task", "ps", "long"])?;
     ensure_that!(ps.lines().count() >= 2, "task ps: {ps}");
     let metrics = e.ok(&["task", "metrics", "long"])?;
@@ -240,7 +276,11 @@ fn volumes_and_rootfs_on_the_share() -> CaseResult {
         })
     };
     let share_rootfs = std::path::Path::new("/run/wisp/vol/shared/vol/rootfs");
-    ensure_that!(share_rootfs.join("bin/busybox").exists(), "{} does not hold the container's rootfs", share_rootfs.display());
+    ensure_that!(
+        share_rootfs.join("bin/busybox").exists(),
+        "{} does not hold the container's rootfs",
+        share_rootfs.display()
+    );
 
     let r = exec("w1", "echo written-in-guest > /upper-check && cat /data/before")?;
     check(&r, 0, "write to the rootfs, read the host path")?;
@@ -251,7 +291,13 @@ fn volumes_and_rootfs_on_the_share() -> CaseResult {
     ensure_that!(text == "written-in-guest\n", "upper dir copy: {text:?}");
 
     let r = exec("w2", "cat /ro/config && touch /ro/new")?;
-    ensure_that!(r.code != 0 && r.stdout.contains("read only"), "read-only volume: exit {} {:?} {:?}", r.code, r.stdout, r.stderr);
+    ensure_that!(
+        r.code != 0 && r.stdout.contains("read only"),
+        "read-only volume: exit {} {:?} {:?}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
     ensure_that!(!ro.join("new").exists(), "a write through the read-only volume reached the host");
 
     std::fs::write(host.join("after"), "made on the host after start\n")?;
@@ -261,10 +307,16 @@ fn volumes_and_rootfs_on_the_share() -> CaseResult {
     loop {
         n += 1;
         let r = exec(&format!("w3-{n}"), "cat /data/after /data/before")?;
-        if r.code == 0 && r.stdout.contains("made on the host after start") && r.stdout.contains("changed on the host") {
+        if r.code == 0 && r.stdout.contains("made on the host after start") && r.stdout.contains("changed on the host")
+        {
             break;
         }
-        ensure_that!(Instant::now() < deadline, "host changes not visible in the guest after 30 s: {:?} {:?}", r.stdout, r.stderr);
+        ensure_that!(
+            Instant::now() < deadline,
+            "host changes not visible in the guest after 30 s: {:?} {:?}",
+            r.stdout,
+            r.stderr
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 
@@ -319,14 +371,34 @@ fn bad_config_and_refused_annotation_fail_clearly() -> CaseResult {
     skip_unless_ready!();
     let e = env_with(&wisp_config("[runtime]\ndebug = true\nenable_annotations = [\"hypervisor.memory_mib\"]\n"))?;
     let r = e.run("ann", &["--annotation", "io.wisp.config.hypervisor.vcpus=2"], &["true"], None)?;
-    ensure_that!(r.code != 0 && r.stderr.contains("hypervisor.vcpus"), "refused annotation: exit {} {:?}", r.code, r.stderr);
+    ensure_that!(
+        r.code != 0 && r.stderr.contains("hypervisor.vcpus"),
+        "refused annotation: exit {} {:?}",
+        r.code,
+        r.stderr
+    );
     let r = e.run("ann2", &["--annotation", "io.wisp.config.hypervisor.memory_mib=lots"], &["true"], None)?;
-    ensure_that!(r.code != 0 && r.stderr.contains("memory_mib"), "bad annotation value: exit {} {:?}", r.code, r.stderr);
+    ensure_that!(
+        r.code != 0 && r.stderr.contains("memory_mib"),
+        "bad annotation value: exit {} {:?}",
+        r.code,
+        r.stderr
+    );
     let bad = e.c.dir.path().join("bad.toml");
     std::fs::write(&bad, "[hypervisor]\nvcpu = 2\n")?;
     let r = e.run("badcfg", &["--runtime-config-path", &bad.display().to_string()], &["true"], None)?;
-    ensure_that!(r.code != 0 && r.stderr.contains("hypervisor.vcpu"), "bad config file: exit {} {:?}", r.code, r.stderr);
-    let r = e.run("annok", &["--annotation", "io.wisp.config.hypervisor.memory_mib=192"], &["sh", "-c", "grep MemTotal /proc/meminfo"], None)?;
+    ensure_that!(
+        r.code != 0 && r.stderr.contains("hypervisor.vcpu"),
+        "bad config file: exit {} {:?}",
+        r.code,
+        r.stderr
+    );
+    let r = e.run(
+        "annok",
+        &["--annotation", "io.wisp.config.hypervisor.memory_mib=192"],
+        &["sh", "-c", "grep MemTotal /proc/meminfo"],
+        None,
+    )?;
     check(&r, 0, "allowed annotation")?;
     e.assert_clean()?;
     Ok(Outcome::Passed)

@@ -12,15 +12,10 @@ use wisp_protocols::agent_ttrpc::AgentClient;
 use wisp_protocols::{hybrid_vsock, AGENT_API_VERSION, AGENT_TTRPC_PORT};
 use wisp_tests::harness::{need_full_kvm, CaseResult, Outcome, Suite};
 use wisp_tests::process::Watched;
-use wisp_tests::{artifact, ensure_that, skip_unless};
+use wisp_tests::{artifact, ensure_that, need_built, skip_unless};
 
 fn need_artifacts() -> Option<String> {
-    for p in ["release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"] {
-        if !artifact(p).exists() {
-            return Some(format!("{} is missing: run `make build guest` first", artifact(p).display()));
-        }
-    }
-    None
+    need_built(&["release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
 }
 
 fn boot(dir: &std::path::Path) -> anyhow::Result<(Watched, PathBuf)> {
@@ -45,9 +40,18 @@ fn agent_answers_and_destroy_ends_the_vm() -> CaseResult {
     ensure_that!(d.kernel_release.starts_with("6.12"), "guest kernel {:?}", d.kernel_release);
     ensure_that!(d.cpus == 1 && d.mem_total_bytes > 128 << 20, "guest details {d:?}");
     for want in ["cpu", "memory", "pids"] {
-        ensure_that!(d.cgroup_controllers.iter().any(|c| c == want), "cgroup controller {want} missing: {:?}", d.cgroup_controllers);
+        ensure_that!(
+            d.cgroup_controllers.iter().any(|c| c == want),
+            "cgroup controller {want} missing: {:?}",
+            d.cgroup_controllers
+        );
     }
-    println!("agent {} rss {} KiB, guest {} MiB", check.agent_version, d.agent_rss_bytes / 1024, d.mem_total_bytes >> 20);
+    println!(
+        "agent {} rss {} KiB, guest {} MiB",
+        check.agent_version,
+        d.agent_rss_bytes / 1024,
+        d.mem_total_bytes >> 20
+    );
     client.destroy_sandbox(ctx(), &Empty::new())?;
     let status = vm.wait_exit(Duration::from_secs(60))?;
     ensure_that!(status.success(), "VMM exited with {status} after DestroySandbox; output:\n{}", vm.output());

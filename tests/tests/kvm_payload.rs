@@ -91,9 +91,7 @@ fn mmio_serial_and_reset_through_the_vmm() -> CaseResult {
         0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0xee, // out dx, al
         0x66, 0xc1, 0xe8, 0x08, 0xee, // shr eax, 8; out dx, al
-        0x66, 0xc1, 0xe8, 0x08, 0xee,
-        0x66, 0xc1, 0xe8, 0x08, 0xee,
-        0xb0, 0xfe, // mov al, 0xfe
+        0x66, 0xc1, 0xe8, 0x08, 0xee, 0x66, 0xc1, 0xe8, 0x08, 0xee, 0xb0, 0xfe, // mov al, 0xfe
         0xe6, 0x64, // out 0x64, al   (i8042 reset)
         0xf4, 0xeb, 0xfd, // hlt; jmp back
     ];
@@ -126,7 +124,11 @@ fn mmio_serial_and_reset_through_the_vmm() -> CaseResult {
     // The console writes whole lines; "virt" has no newline: the VM's end writes it.
     uart.lock().unwrap().flush_output();
     let out = console.0.lock().unwrap().clone();
-    ensure_that!(out == b"virt", "console printed {:?}, want the virtio-mmio magic \"virt\"", String::from_utf8_lossy(&out));
+    ensure_that!(
+        out == b"virt",
+        "console printed {:?}, want the virtio-mmio magic \"virt\"",
+        String::from_utf8_lossy(&out)
+    );
     Ok(Outcome::Passed)
 }
 

@@ -16,7 +16,7 @@ use wisp_protocols::hybrid_vsock;
 use wisp_tests::harness::{need_full_kvm, need_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::pattern::{first_mismatch, pattern};
 use wisp_tests::process::Watched;
-use wisp_tests::{artifact, ensure_that, skip_unless};
+use wisp_tests::{artifact, ensure_that, need_built, skip_unless};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const MIB: u64 = 1 << 20;
@@ -26,12 +26,7 @@ fn vmm_bin() -> PathBuf {
 }
 
 fn need_artifacts() -> Option<String> {
-    for p in [vmm_bin(), artifact("guest/vmlinux"), artifact("guest/test-initrd.img")] {
-        if !p.exists() {
-            return Some(format!("{} is missing: run `make build guest` first", p.display()));
-        }
-    }
-    None
+    need_built(&["release/wisp-vmm", "guest/vmlinux", "guest/test-initrd.img"])
 }
 
 /// wisp-vmm with the test kernel and initrd; `guest_cmd` runs in the guest after boot.
@@ -92,7 +87,8 @@ fn two_vcpus_are_online() -> CaseResult {
 }
 
 fn sha256(data: &[u8]) -> anyhow::Result<String> {
-    let mut child = Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn()?;
+    let mut child =
+        Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn()?;
     child.stdin.take().context("stdin")?.write_all(data)?;
     let out = child.wait_with_output()?;
     Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
@@ -131,7 +127,8 @@ fn virtio_blk_read_only_refuses_writes() -> CaseResult {
     skip_unless!(need_artifacts(), need_full_kvm());
     let dir = tempfile::tempdir()?;
     let (img, data) = disk_image(dir.path(), MIB)?;
-    let guest = "echo RO=$(cat /sys/block/vda/ro); echo x | dd of=/dev/vda bs=512 conv=fsync 2>/dev/null; echo WROTE=$?";
+    let guest =
+        "echo RO=$(cat /sys/block/vda/ro); echo x | dd of=/dev/vda bs=512 conv=fsync 2>/dev/null; echo WROTE=$?";
     let mut c = vmm_cmd(guest);
     c.arg("--disk").arg(format!("{},ro", img.display()));
     let mut vm = Watched::spawn("wisp-vmm", &mut c)?;
@@ -186,7 +183,10 @@ fn vsock_host_to_guest_64mib_echo() -> CaseResult {
     ensure_that!(got == TRANSFER, "got {got} bytes back, sent {TRANSFER}");
     reader.write_all(b"A")?;
     let out = expect_clean_exit(&mut vm)?;
-    ensure_that!(out.contains(&format!("echoed {TRANSFER} bytes, ack received")), "guest did not see all bytes:\n{out}");
+    ensure_that!(
+        out.contains(&format!("echoed {TRANSFER} bytes, ack received")),
+        "guest did not see all bytes:\n{out}"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -312,7 +312,8 @@ fn virtiofs_cmd(tag: &str, dir: &Path, opts: &str, guest_cmd: &str) -> Command {
 }
 
 fn virtiofs_cmd_with_memory(tag: &str, dir: &Path, opts: &str, guest_cmd: &str, mib: u32) -> Command {
-    let mut c = vmm_cmd_with_memory(&format!("mount -t virtiofs {tag} /mnt && echo MOUNTED-$((6*7)) && {guest_cmd}"), mib);
+    let mut c =
+        vmm_cmd_with_memory(&format!("mount -t virtiofs {tag} /mnt && echo MOUNTED-$((6*7)) && {guest_cmd}"), mib);
     c.arg("--shared-dir").arg(format!("{tag}={}{opts}", dir.display()));
     c
 }

@@ -1,0 +1,107 @@
+//! wisp's processes and mounts on the test host, read from /proc: which VMMs and shims
+//! run for which pod, and what a leftover process is doing (for leak checks and
+//! failure reports).
+
+use std::path::{Path, PathBuf};
+
+/// Where the shim keeps each pod's state (sockets, logs, mounts): `<STATE_DIR>/<sid>/`.
+pub const STATE_DIR: &str = "/run/wisp";
+
+/// Live processes (zombies excluded) running `prog` whose arguments satisfy `pred`.
+pub fn processes(prog: &str, pred: impl Fn(&[String]) -> bool) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(argv0) = args.first() else { continue };
+        if Path::new(argv0).file_name().is_none_or(|n| n != prog) || !pred(&args) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
+            continue;
+        }
+        out.push(pid);
+    }
+    out
+}
+
+/// The wisp-vmm processes of a pod (their sockets live in its state directory).
+pub fn vmm_pids(sid: &str) -> Vec<u32> {
+    let dir = format!("{STATE_DIR}/{sid}/");
+    processes("wisp-vmm", |args| args.iter().any(|a| a.contains(&dir)))
+}
+
+pub fn all_vmm_pids() -> Vec<u32> {
+    processes("wisp-vmm", |_| true)
+}
+
+/// The shim serving a pod: started with `-id <sandbox id>` (the first container's id).
+pub fn shim_pids(sid: &str) -> Vec<u32> {
+    processes("containerd-shim-wisp-v2", |args| args.windows(2).any(|w| w[0] == "-id" && w[1] == sid))
+}
+
+pub fn all_shim_pids() -> Vec<u32> {
+    processes("containerd-shim-wisp-v2", |_| true)
+}
+
+pub fn parent(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// A process for a failure report: command line, state, and where each thread waits.
+pub fn describe(pid: u32) -> String {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let cmdline = std::fs::read(proc.join("cmdline")).unwrap_or_default();
+    let mut out = format!("pid {pid}: {}\n", String::from_utf8_lossy(&cmdline).replace('\0', " "));
+    let status = std::fs::read_to_string(proc.join("status")).unwrap_or_default();
+    for l in status.lines().filter(|l| l.starts_with("State:") || l.starts_with("PPid:")) {
+        out += &format!("  {l}\n");
+    }
+    for t in std::fs::read_dir(proc.join("task")).into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+        let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+        let top: Vec<&str> = stack.lines().take(4).collect();
+        out += &format!("  thread {:?} {}: wchan {wchan} {}\n", t.file_name(), comm.trim(), top.join(" < "));
+    }
+    out
+}
+
+/// Mount points at or below any of `dirs`.
+pub fn mounts_under(dirs: &[&Path]) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| dirs.iter().any(|d| Path::new(m).starts_with(d)))
+        .map(String::from)
+        .collect()
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn host_kernel() -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_this_test_process_and_its_parent() {
+        let me = std::process::id();
+        let exe = std::env::current_exe().unwrap();
+        let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(processes(&name, |_| true).contains(&me));
+        assert!(processes(&name, |_| false).is_empty());
+        assert!(parent(me).is_some());
+        assert!(describe(me).starts_with(&format!("pid {me}: ")));
+        assert!(mounts_under(&[Path::new("/proc")]).iter().any(|m| m == "/proc"));
+    }
+}

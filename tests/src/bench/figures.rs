@@ -337,8 +337,9 @@ fn shared_fs_throughput(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
             cmd.arg("--shared-dir").arg(format!("bench={}", dir.path().display()));
             let mut vm = TimedChild::spawn("wisp-vmm + virtio-fs", &mut cmd)?;
             let phase = |name: &str| -> anyhow::Result<f64> {
-                let begin = vm.wait_for(&format!("FS-{name}-BEGIN"), ctx.boot_timeout)?;
-                let end = vm.wait_for(&format!("FS-{name}-END"), ctx.boot_timeout)?;
+                // The markers are in the echoed kernel command line too: whole lines only.
+                let begin = vm.wait_for_line(&format!("FS-{name}-BEGIN"), ctx.boot_timeout)?;
+                let end = vm.wait_for_line(&format!("FS-{name}-END"), ctx.boot_timeout)?;
                 Ok(end.duration_since(begin).as_secs_f64())
             };
             let w = phase("W");

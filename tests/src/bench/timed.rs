@@ -83,12 +83,23 @@ impl TimedChild {
 
     /// Waits for the first line containing `needle`; returns when it arrived.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<Instant> {
+        self.wait_until(needle, |l| l.contains(needle), timeout)
+    }
+
+    /// Waits for the first line that is `marker` alone (surrounding white space aside):
+    /// for markers a guest prints, which its console also shows inside the echoed
+    /// kernel command line.
+    pub fn wait_for_line(&self, marker: &str, timeout: Duration) -> anyhow::Result<Instant> {
+        self.wait_until(marker, |l| l.trim() == marker, timeout)
+    }
+
+    fn wait_until(&self, needle: &str, matches: impl Fn(&str) -> bool, timeout: Duration) -> anyhow::Result<Instant> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.out;
         let mut o = lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = 0;
         loop {
-            if let Some(l) = o.lines[seen..].iter().find(|l| l.text.contains(needle)) {
+            if let Some(l) = o.lines[seen..].iter().find(|l| matches(&l.text)) {
                 return Ok(l.at);
             }
             seen = o.lines.len();
@@ -224,6 +235,17 @@ mod tests {
         let texts: Vec<_> = lines.iter().map(|l| (l.stream, l.text.as_str())).collect();
         assert!(texts.contains(&(Stream::Stdout, "one")) && texts.contains(&(Stream::Stdout, "three")), "{texts:?}");
         assert!(texts.contains(&(Stream::Stderr, "two")), "{texts:?}");
+    }
+
+    #[test]
+    fn markers_match_whole_lines_only() {
+        let script = "echo 'cmdline: echo MARK-B && sleep 0.3 && echo MARK-E'; echo MARK-B; sleep 0.3; echo ' MARK-E'";
+        let c = TimedChild::spawn("sh", Command::new("sh").args(["-c", script])).unwrap();
+        let begin = c.wait_for_line("MARK-B", Duration::from_secs(10)).unwrap();
+        let end = c.wait_for_line("MARK-E", Duration::from_secs(10)).unwrap();
+        assert!(end.duration_since(begin) >= Duration::from_millis(200), "{:?}", end.duration_since(begin));
+        // wait_for takes the first line containing the text: the echoed command line.
+        assert_eq!(c.wait_for("MARK-E", Duration::from_secs(10)).unwrap(), c.lines()[0].at);
     }
 
     #[test]

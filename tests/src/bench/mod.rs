@@ -11,6 +11,7 @@
 pub mod figures;
 pub mod json;
 pub mod pods;
+pub mod progress;
 pub mod report;
 pub mod smaps;
 pub mod stats;
@@ -89,7 +90,7 @@ pub struct Experiment {
 }
 
 /// How a figure came out.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     /// `wisp_parts`: the median of each part over the wisp runs, largest first.
     Measured {

@@ -2,7 +2,7 @@
 //! show how noisy the machine was while it was measured.
 
 /// Median, minimum and maximum of a non-empty sample set.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,

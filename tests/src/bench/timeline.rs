@@ -22,7 +22,7 @@ pub const AGENT_ANSWERED: &str = "agent_answered";
 /// How many of the longest console silences a timeline keeps.
 const GAPS_KEPT: usize = 5;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Point {
     pub name: String,
     /// Since the benchmark spawned the VMM.
@@ -30,14 +30,14 @@ pub struct Point {
 }
 
 /// A silence on the guest console: `ms` between the line `after` and the line `before`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConsoleGap {
     pub ms: f64,
     pub after: String,
     pub before: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Timeline {
     /// In time order, from `spawn` to `userspace_marker`.
     pub points: Vec<Point>,
@@ -131,7 +131,7 @@ pub fn describe(from: &str, to: &str) -> &'static str {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PhaseSummary {
     pub from: String,
     pub to: String,
@@ -140,7 +140,7 @@ pub struct PhaseSummary {
     pub runs: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TimelineSummary {
     pub runs: usize,
     pub phases: Vec<PhaseSummary>,

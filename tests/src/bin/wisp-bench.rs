@@ -2,10 +2,10 @@
 //! `target/bench/report.md` and `target/bench/report.json`. Needs hardware-style KVM:
 //! `tests/bench.sh` (or `make bench`) runs it inside the emulated KVM host.
 //!
-//!   wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [FILTER...]
+//!   wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [--resume] [FILTER...]
 //!
 //! FILTERs select experiments or figures by name: experiments `boot`, `boot_agent`,
-//! `idle_memory`, `shared_fs`, `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start`;
+//! `idle_memory`, `shared_fs`, `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start`, `net`;
 //! figures as in the report;
 //! `boot_timeline` comes from `boot_agent`.
 //! Exit status: 0 when every selected figure was measured (whether or not it met its
@@ -19,17 +19,20 @@ use anyhow::{bail, Context};
 use wisp_tests::artifact;
 use wisp_tests::bench::figures::{boot_timeline_spec, experiments, not_yet_measured};
 use wisp_tests::bench::pods::PodEnvCell;
+use wisp_tests::bench::progress::Progress;
 use wisp_tests::bench::timeline::{summarize, Timeline};
 use wisp_tests::bench::vms::Setup;
 use wisp_tests::bench::{report, run_experiment, Ctx, Experiment, FigureResult, Outcome, RunPlan};
 
 const USAGE: &str =
-    "usage: wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [FILTER...]
+    "usage: wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [--resume] [FILTER...]
   --runs N            runs per side and figure (default: $WISP_BENCH_N or 5)
   --warmup N          unrecorded runs per side before them (default 1)
   --settle SECS       idle time after boot before memory is read (default 3)
   --boot-timeout SECS give up on a boot after this long (default 120)
   --out DIR           where report.md and report.json go (default target/bench)
+  --resume            keep the experiments an earlier run with the same --runs and
+                      --warmup finished (DIR/progress.json); run the rest
   FILTER              only these experiments or figures (names as in the report; the
                       experiments are `boot`, `boot_agent`, `idle_memory`, `shared_fs`,
                       `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start` and `net`)";
@@ -40,6 +43,7 @@ struct Args {
     settle: Duration,
     boot_timeout: Duration,
     out: PathBuf,
+    resume: bool,
     filters: Vec<String>,
 }
 
@@ -54,6 +58,7 @@ fn parse_args() -> anyhow::Result<Args> {
         settle: Duration::from_secs(3),
         boot_timeout: Duration::from_secs(120),
         out: artifact("bench"),
+        resume: false,
         filters: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -74,6 +79,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--settle" => a.settle = Duration::from_secs(count(value()?)?),
             "--boot-timeout" => a.boot_timeout = Duration::from_secs(count(value()?)?),
             "--out" => a.out = PathBuf::from(value()?),
+            "--resume" => a.resume = true,
             f if f.starts_with('-') => bail!("unknown option {f}"),
             _ => a.filters.push(arg),
         }
@@ -135,10 +141,35 @@ fn main() -> ExitCode {
 
     // The report is rewritten after each experiment, so that a run cut short (the
     // emulated host's time limit) still leaves what was measured.
+    let progress_file = args.out.join("progress.json");
+    let mut progress = match earlier_progress(&args, &plan, &progress_file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("wisp-bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let mut done: Vec<Done> = Vec::new();
     for exp in &exps {
-        eprintln!("bench: {} ({} runs per side, interleaved, {} warm-up)", exp.name, plan.runs, plan.warmup);
-        let (results, timelines) = run_experiment(exp, &ctx, &plan);
+        let (results, timelines) = match progress.measured(exp) {
+            Some(kept) => {
+                eprintln!("bench: {}: measured by the run this one resumes, kept", exp.name);
+                kept
+            }
+            None => {
+                eprintln!("bench: {} ({} runs per side, interleaved, {} warm-up)", exp.name, plan.runs, plan.warmup);
+                let (results, timelines) = run_experiment(exp, &ctx, &plan);
+                progress.record(exp, &results, &timelines);
+                if let Err(e) = std::fs::create_dir_all(&args.out)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|_| progress.save(&progress_file))
+                {
+                    eprintln!("wisp-bench: {e:#}");
+                    return ExitCode::from(1);
+                }
+                (results, timelines)
+            }
+        };
         done.push(Done { results, timelines });
         let partial = assemble(&exps, &done, &args.filters);
         if let Err(e) =
@@ -161,6 +192,32 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// The progress to go on from: the earlier run's with `--resume` (if it had the same
+/// plan), else none.
+fn earlier_progress(args: &Args, plan: &RunPlan, file: &Path) -> anyhow::Result<Progress> {
+    if !args.resume {
+        return Ok(Progress::new(plan));
+    }
+    match Progress::load(file)? {
+        Some(p) if p.same_plan(plan) => Ok(p),
+        Some(p) => {
+            eprintln!(
+                "bench: {} is for {} runs and {} warm-up, not {} and {}: starting over",
+                file.display(),
+                p.runs,
+                p.warmup,
+                plan.runs,
+                plan.warmup
+            );
+            Ok(Progress::new(plan))
+        }
+        None => {
+            eprintln!("bench: nothing to resume ({} does not exist)", file.display());
+            Ok(Progress::new(plan))
+        }
+    }
 }
 
 /// What a finished experiment gave.

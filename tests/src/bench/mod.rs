@@ -60,7 +60,7 @@ pub struct Sample {
 }
 
 /// A labelled share of a figure's value in one run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Part {
     pub figure: &'static str,
     pub label: String,
@@ -122,17 +122,41 @@ pub struct RunPlan {
 /// in the report with its error.
 pub const MAX_REPEATS: usize = 2;
 
+/// The recorded runs of an experiment so far, as interleaved pairs (`wisp[i]` and
+/// `peer[i]`), and the failed runs that were repeated.
+#[derive(Debug, Clone, Default)]
+pub struct Pairs {
+    pub wisp: Vec<Sample>,
+    pub peer: Vec<Sample>,
+    pub repeated: Vec<String>,
+}
+
 /// Runs `exp` `plan.runs` times per side, interleaved, and returns its figures'
 /// results plus the wisp-side timelines it recorded. A failed run is repeated (at most
 /// `MAX_REPEATS` times per experiment, each reported); after that the experiment's
 /// figures fail with the error (the remaining runs are skipped).
 pub fn run_experiment(exp: &Experiment, ctx: &Ctx, plan: &RunPlan) -> (Vec<FigureResult>, Vec<Timeline>) {
-    let mut wisp: Vec<Sample> = Vec::new();
-    let mut peer: Vec<Sample> = Vec::new();
+    run_experiment_from(exp, ctx, plan, Pairs::default(), &mut |_| {})
+}
+
+/// `run_experiment` going on from the pairs an earlier, interrupted run recorded
+/// (after its own warm-up: a fresh host has cold caches); `on_pair` sees the pairs
+/// after each new one, to keep them.
+pub fn run_experiment_from(
+    exp: &Experiment,
+    ctx: &Ctx,
+    plan: &RunPlan,
+    start: Pairs,
+    on_pair: &mut dyn FnMut(&Pairs),
+) -> (Vec<FigureResult>, Vec<Timeline>) {
+    let done = start.wisp.len().min(start.peer.len()).min(plan.runs);
+    let Pairs { mut wisp, mut peer, mut repeated } = start;
+    wisp.truncate(done);
+    peer.truncate(done);
     let mut error = None;
-    let mut repeated: Vec<String> = Vec::new();
     let total = plan.warmup + plan.runs;
-    'runs: for i in 0..total {
+    let runs = (0..plan.warmup).chain(plan.warmup + done..total);
+    'runs: for i in runs {
         let warm = i < plan.warmup;
         for side in [Side::Wisp, Side::Peer] {
             let label = if warm { "warm-up".to_string() } else { format!("run {}/{}", i - plan.warmup + 1, plan.runs) };
@@ -157,7 +181,10 @@ pub fn run_experiment(exp: &Experiment, ctx: &Ctx, plan: &RunPlan) -> (Vec<Figur
                         if side == Side::Wisp {
                             wisp.push(s)
                         } else {
-                            peer.push(s)
+                            peer.push(s);
+                            let pairs = Pairs { wisp, peer, repeated };
+                            on_pair(&pairs);
+                            (wisp, peer, repeated) = (pairs.wisp, pairs.peer, pairs.repeated);
                         }
                     }
                 }
@@ -264,6 +291,28 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(&res[1].outcome, Outcome::Measured { wisp, .. } if wisp.len() == 3));
+    }
+
+    #[test]
+    fn an_interrupted_experiment_goes_on_from_its_pairs() {
+        let exp = Experiment { name: "x", sides: ("w", "p"), run: counting, figures: vec![spec("a")] };
+        let s = |v: f64| Sample { values: vec![("a", v)], ..Default::default() };
+        let start =
+            Pairs { wisp: vec![s(100.0), s(102.0)], peer: vec![s(101.0)], repeated: vec!["w run 1/3: x".into()] };
+        let mut seen = Vec::new();
+        let (res, _) = run_experiment_from(&exp, &ctx(), &RunPlan { runs: 3, warmup: 1 }, start, &mut |p| {
+            seen.push((p.wisp.len(), p.peer.len()))
+        });
+        // One pair was whole; the warm-up pair, then runs 2 and 3 follow.
+        assert_eq!(ORDER.with(|o| o.borrow().len()), 6);
+        assert_eq!(seen, [(2, 2), (3, 3)]);
+        match &res[0].outcome {
+            Outcome::Measured { wisp, peer, repeated, .. } => {
+                assert_eq!((wisp[0], peer[0]), (100.0, 101.0));
+                assert_eq!((wisp.len(), peer.len(), repeated.len()), (3, 3, 1));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     fn failing(_: &Ctx, side: Side) -> anyhow::Result<Sample> {

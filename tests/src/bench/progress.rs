@@ -1,8 +1,9 @@
 //! What a benchmark run has finished so far (`progress.json` next to the report), so
 //! that a run cut short by the emulated KVM host's death (an emulator fault, not a
 //! wisp failure: see tests/README.md) goes on in a fresh host with `--resume` instead
-//! of starting over. Kept per experiment: an experiment the host died in runs again
-//! whole; one whose figures failed runs again too.
+//! of starting over. Kept: finished experiments, and the recorded pairs of the one the
+//! host died in (it goes on from them after a new warm-up); an experiment whose
+//! figures failed runs again whole.
 
 use std::path::Path;
 
@@ -10,13 +11,57 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::timeline::Timeline;
-use super::{Experiment, FigureResult, Outcome, RunPlan};
+use super::{Experiment, FigureResult, Outcome, Pairs, Part, RunPlan, Sample};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
     pub runs: usize,
     pub warmup: usize,
     pub experiments: Vec<Finished>,
+    /// The experiment in progress and its recorded pairs.
+    #[serde(default)]
+    pub unfinished: Option<Unfinished>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unfinished {
+    pub experiment: String,
+    pub wisp: Vec<StoredSample>,
+    pub peer: Vec<StoredSample>,
+    pub repeated: Vec<String>,
+}
+
+/// A `Sample` with its figure names as strings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSample {
+    pub values: Vec<(String, f64)>,
+    pub timeline: Option<Timeline>,
+    /// (figure, label, value)
+    pub parts: Vec<(String, String, f64)>,
+}
+
+impl StoredSample {
+    fn of(s: &Sample) -> Self {
+        Self {
+            values: s.values.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            timeline: s.timeline.clone(),
+            parts: s.parts.iter().map(|p| (p.figure.to_string(), p.label.clone(), p.value)).collect(),
+        }
+    }
+
+    /// Back to a `Sample` of `exp`; None when a name is not one of its figures.
+    fn sample(&self, exp: &Experiment) -> Option<Sample> {
+        let name = |n: &str| exp.figures.iter().map(|f| f.name).find(|f| *f == n);
+        Some(Sample {
+            values: self.values.iter().map(|(n, v)| Some((name(n)?, *v))).collect::<Option<_>>()?,
+            timeline: self.timeline.clone(),
+            parts: self
+                .parts
+                .iter()
+                .map(|(f, label, value)| Some(Part { figure: name(f)?, label: label.clone(), value: *value }))
+                .collect::<Option<_>>()?,
+        })
+    }
 }
 
 /// One finished experiment: each figure's outcome by name, and its wisp timelines.
@@ -29,7 +74,7 @@ pub struct Finished {
 
 impl Progress {
     pub fn new(plan: &RunPlan) -> Self {
-        Self { runs: plan.runs, warmup: plan.warmup, experiments: Vec::new() }
+        Self { runs: plan.runs, warmup: plan.warmup, experiments: Vec::new(), unfinished: None }
     }
 
     /// The progress file at `path`; `Ok(None)` when there is none.
@@ -56,8 +101,32 @@ impl Progress {
         self.runs == plan.runs && self.warmup == plan.warmup
     }
 
+    /// Keeps the pairs `exp` has recorded so far.
+    pub fn record_pairs(&mut self, exp: &Experiment, pairs: &Pairs) {
+        self.unfinished = Some(Unfinished {
+            experiment: exp.name.to_string(),
+            wisp: pairs.wisp.iter().map(StoredSample::of).collect(),
+            peer: pairs.peer.iter().map(StoredSample::of).collect(),
+            repeated: pairs.repeated.clone(),
+        });
+    }
+
+    /// The pairs `exp` recorded before the run was cut short (none if it was not the
+    /// experiment in progress).
+    pub fn pairs(&self, exp: &Experiment) -> Pairs {
+        let Some(u) = self.unfinished.as_ref().filter(|u| u.experiment == exp.name) else {
+            return Pairs::default();
+        };
+        let back = |v: &[StoredSample]| v.iter().map(|s| s.sample(exp)).collect::<Option<Vec<_>>>();
+        match (back(&u.wisp), back(&u.peer)) {
+            (Some(wisp), Some(peer)) => Pairs { wisp, peer, repeated: u.repeated.clone() },
+            _ => Pairs::default(),
+        }
+    }
+
     /// Records `exp`'s results, replacing an earlier record of it.
     pub fn record(&mut self, exp: &Experiment, results: &[FigureResult], timelines: &[Timeline]) {
+        self.unfinished = None;
         self.experiments.retain(|f| f.experiment != exp.name);
         self.experiments.push(Finished {
             experiment: exp.name.to_string(),
@@ -144,6 +213,33 @@ mod tests {
         assert!(back.measured(&exp("net", &["net_mbps"])).is_none());
         // A figure the experiment has now but did not have then: it runs again.
         assert!(back.measured(&exp("boot", &["boot_ms", "boot_new"])).is_none());
+    }
+
+    #[test]
+    fn the_pairs_of_an_unfinished_experiment_are_kept_until_it_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("progress.json");
+        let plan = RunPlan { runs: 5, warmup: 1 };
+        let (fs, other) = (exp("fs", &["fs_read", "fs_write"]), exp("net", &["net_mbps"]));
+        let sample = |v: f64| Sample {
+            values: vec![("fs_read", v), ("fs_write", v / 2.0)],
+            timeline: None,
+            parts: vec![Part { figure: "fs_read", label: "guest".into(), value: v }],
+        };
+        let mut p = Progress::new(&plan);
+        p.record_pairs(&fs, &Pairs { wisp: vec![sample(4.0)], peer: vec![sample(8.0)], repeated: vec!["r".into()] });
+        p.save(&path).unwrap();
+        let back = Progress::load(&path).unwrap().unwrap();
+        let pairs = back.pairs(&fs);
+        assert_eq!((pairs.wisp.len(), pairs.peer.len(), pairs.repeated.len()), (1, 1, 1));
+        assert_eq!(pairs.wisp[0].values, vec![("fs_read", 4.0), ("fs_write", 2.0)]);
+        assert_eq!(pairs.peer[0].parts[0].value, 8.0);
+        assert!(back.pairs(&other).wisp.is_empty());
+        // Figures renamed since: nothing is kept.
+        assert!(back.pairs(&exp("fs", &["fs_read_mb"])).wisp.is_empty());
+        let mut done = back.clone();
+        done.record(&fs, &[], &[]);
+        assert!(done.pairs(&fs).wisp.is_empty());
     }
 
     #[test]

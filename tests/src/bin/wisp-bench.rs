@@ -22,7 +22,7 @@ use wisp_tests::bench::pods::PodEnvCell;
 use wisp_tests::bench::progress::Progress;
 use wisp_tests::bench::timeline::{summarize, Timeline};
 use wisp_tests::bench::vms::Setup;
-use wisp_tests::bench::{report, run_experiment, Ctx, Experiment, FigureResult, Outcome, RunPlan};
+use wisp_tests::bench::{report, run_experiment_from, Ctx, Experiment, FigureResult, Outcome, RunPlan};
 
 const USAGE: &str =
     "usage: wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [--resume] [FILTER...]
@@ -142,6 +142,10 @@ fn main() -> ExitCode {
     // The report is rewritten after each experiment, so that a run cut short (the
     // emulated host's time limit) still leaves what was measured.
     let progress_file = args.out.join("progress.json");
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        eprintln!("wisp-bench: creating {}: {e}", args.out.display());
+        return ExitCode::from(2);
+    }
     let mut progress = match earlier_progress(&args, &plan, &progress_file) {
         Ok(p) => p,
         Err(e) => {
@@ -158,12 +162,22 @@ fn main() -> ExitCode {
             }
             None => {
                 eprintln!("bench: {} ({} runs per side, interleaved, {} warm-up)", exp.name, plan.runs, plan.warmup);
-                let (results, timelines) = run_experiment(exp, &ctx, &plan);
+                let start = progress.pairs(exp);
+                if !start.wisp.is_empty() {
+                    eprintln!(
+                        "bench: {}: {} pair(s) recorded by the run this one resumes, kept; going on after a warm-up",
+                        exp.name,
+                        start.wisp.len().min(start.peer.len())
+                    );
+                }
+                let (results, timelines) = run_experiment_from(exp, &ctx, &plan, start, &mut |pairs| {
+                    progress.record_pairs(exp, pairs);
+                    if let Err(e) = progress.save(&progress_file) {
+                        eprintln!("wisp-bench: {e:#}");
+                    }
+                });
                 progress.record(exp, &results, &timelines);
-                if let Err(e) = std::fs::create_dir_all(&args.out)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|_| progress.save(&progress_file))
-                {
+                if let Err(e) = progress.save(&progress_file) {
                     eprintln!("wisp-bench: {e:#}");
                     return ExitCode::from(1);
                 }

@@ -6,7 +6,7 @@
 #   tests/e2e.sh [SUITE...] [-- FILTER...]   default: every suite listed below;
 #                                            FILTERs select cases by substring
 # Ends with one line: "e2e: N passed, N failed, N skipped". Each suite runs in its own
-# emulated host; a suite during which that host's kernel died runs once more.
+# emulated host; a suite during which that host's kernel died runs again (twice at most).
 # One brace group: bash parses all of it before running, so editing this file cannot
 # derail a run in progress.
 {
@@ -79,12 +79,14 @@ fi
 
 # Each suite gets its own emulated host, so that when the emulated host's own kernel
 # dies (kvmhost exit status 123: a panic or reset of the emulator's guest, not a test
-# result) only that suite is affected: it runs once more in a fresh emulated host, and
-# that run's result is the one counted. The death is reported, never hidden.
+# result) only that suite is affected: it runs again in a fresh emulated host (at most
+# twice: sustained nested load kills it more than once in a while, see
+# tests/kvmhost/README.md), and the last run's result is the one counted. Deaths are
+# reported, never hidden.
 passed=0 failed=0 skipped=0 deaths=()
 for bin in $bins; do
     suite=$(basename "$bin" | sed -E 's/-[0-9a-f]+$//')
-    for attempt in 1 2; do
+    for attempt in 1 2 3; do
         log=$(mktemp)
         set +e
         tests/kvmhost/run --timeout "${WISP_E2E_TIMEOUT:-1800}" -- "$0" --inside "$bin" 2>&1 | tee "$log"
@@ -92,7 +94,7 @@ for bin in $bins; do
         set -e
         line=$(grep -E '^e2e: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1 || true)
         rm -f "$log"
-        if [ "$rc" = 123 ] && [ "$attempt" = 1 ]; then
+        if [ "$rc" = 123 ] && [ "$attempt" -lt 3 ]; then
             deaths+=("$suite")
             echo "e2e: the emulated host died while suite $suite ran (its console is above); running $suite again in a fresh emulated host" >&2
             continue
@@ -107,7 +109,7 @@ for bin in $bins; do
     tally "$line" "$rc"
 done
 echo
-[ ${#deaths[@]} = 0 ] || echo "e2e: the emulated host died ${#deaths[@]} time(s), in: ${deaths[*]} (each rerun once; the reruns are counted)"
+[ ${#deaths[@]} = 0 ] || echo "e2e: the emulated host died ${#deaths[@]} time(s), in: ${deaths[*]} (each death's suite was rerun; the reruns are counted)"
 echo "e2e: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]
 exit

@@ -14,8 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The default set (what `make e2e` and CI run). `cri_net` runs when named
-# (`tests/e2e.sh cri_net`): sustained TCP between two wisp VMs still trips the emulated
-# host's SVM emulation now and then (see tests/README.md).
+# (`tests/e2e.sh cri_net`): its ~30 nested VMs with network devices meet the emulated
+# host's nested triple faults too often for CI (see tests/README.md).
 ALL_SUITES=(vmm_boot guest_agent ctr cri)
 
 # Adds one "NAME: N passed, N failed, N skipped" line to the totals; a run that exited

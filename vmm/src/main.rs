@@ -13,7 +13,11 @@ use wisp_vmm::devices::virtio::net::{valid_ifname, MacAddr, MAX_IFNAME_LEN, MIN_
 use wisp_vmm::{ConsoleOutput, DiskConfig, MicroVm, VmConfig, VmExit, VsockConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "wisp-vmm", version, about = "wisp's micro-VM monitor: boots a Linux guest on KVM with virtio-mmio devices")]
+#[command(
+    name = "wisp-vmm",
+    version,
+    about = "wisp's micro-VM monitor: boots a Linux guest on KVM with virtio-mmio devices"
+)]
 struct Args {
     /// Guest kernel: uncompressed vmlinux (ELF, PVH entry preferred) or bzImage.
     #[arg(long)]
@@ -286,6 +290,8 @@ fn main() -> ExitCode {
     cleanup(&config, &args);
     match &exit {
         VmExit::Error(msg) => eprintln!("wisp-vmm: {msg}"),
+        // Exit status 0 like a reboot, but the guest did not ask for it: worth a warning.
+        VmExit::GuestTripleFault(_) => log::warn!("VM ended: {exit:?}"),
         other => log::info!("VM ended: {other:?}"),
     }
     ExitCode::from(exit.exit_code() as u8)

@@ -41,7 +41,7 @@ if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then
     exec "$bin" "$@"
 fi
 # The emulated host's kernel sometimes dies under nested load (an emulator fault; see
-# tests/README.md): kvmhost exits 123. The benchmark then goes on in a fresh host from
+# tests/kvmhost/README.md): kvmhost exits 123. The benchmark then goes on in a fresh host from
 # what it had finished (--resume), at most twice, and says so.
 args=("$@")
 for attempt in 1 2 3; do

@@ -239,13 +239,17 @@ mod tests {
 
     #[test]
     fn markers_match_whole_lines_only() {
-        let script = "echo 'cmdline: echo MARK-B && sleep 0.3 && echo MARK-E'; echo MARK-B; sleep 0.3; echo ' MARK-E'";
-        let c = TimedChild::spawn("sh", Command::new("sh").args(["-c", script])).unwrap();
+        let script = "echo 'cmdline: echo MARK-B && echo MARK-E'; echo MARK-B; echo ' MARK-E'";
+        let mut c = TimedChild::spawn("sh", Command::new("sh").args(["-c", script])).unwrap();
+        c.wait_exit(Duration::from_secs(10)).unwrap();
+        let lines = c.lines();
+        let at = |text: &str| lines.iter().find(|l| l.text.trim() == text).map(|l| l.at).unwrap();
         let begin = c.wait_for_line("MARK-B", Duration::from_secs(10)).unwrap();
         let end = c.wait_for_line("MARK-E", Duration::from_secs(10)).unwrap();
-        assert!(end.duration_since(begin) >= Duration::from_millis(200), "{:?}", end.duration_since(begin));
+        assert_eq!((begin, end), (at("MARK-B"), at("MARK-E")));
         // wait_for takes the first line containing the text: the echoed command line.
-        assert_eq!(c.wait_for("MARK-E", Duration::from_secs(10)).unwrap(), c.lines()[0].at);
+        assert_eq!(c.wait_for("MARK-E", Duration::from_secs(10)).unwrap(), lines[0].at);
+        assert!(c.wait_for_line("cmdline:", Duration::from_secs(1)).is_err(), "not a whole line");
     }
 
     #[test]

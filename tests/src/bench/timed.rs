@@ -240,12 +240,13 @@ mod tests {
     #[test]
     fn markers_match_whole_lines_only() {
         let script = "echo 'cmdline: echo MARK-B && echo MARK-E'; echo MARK-B; echo ' MARK-E'";
-        let mut c = TimedChild::spawn("sh", Command::new("sh").args(["-c", script])).unwrap();
-        c.wait_exit(Duration::from_secs(10)).unwrap();
-        let lines = c.lines();
-        let at = |text: &str| lines.iter().find(|l| l.text.trim() == text).map(|l| l.at).unwrap();
+        let c = TimedChild::spawn("sh", Command::new("sh").args(["-c", script])).unwrap();
+        // The child's exit does not mean its output has been read: wait for the lines
+        // first; everything printed before the last marker is in by then.
         let begin = c.wait_for_line("MARK-B", Duration::from_secs(10)).unwrap();
         let end = c.wait_for_line("MARK-E", Duration::from_secs(10)).unwrap();
+        let lines = c.lines();
+        let at = |text: &str| lines.iter().find(|l| l.text.trim() == text).map(|l| l.at).unwrap();
         assert_eq!((begin, end), (at("MARK-B"), at("MARK-E")));
         // wait_for takes the first line containing the text: the echoed command line.
         assert_eq!(c.wait_for("MARK-E", Duration::from_secs(10)).unwrap(), lines[0].at);

@@ -2,67 +2,16 @@
 //! Exit status 0 when the guest ends it; otherwise non-zero with a one-line reason.
 
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
+mod cli;
+
+use cli::Args;
 use wisp_vmm::builder::{CacheMode, NetBackend, NetConfig, SharedDirConfig};
 use wisp_vmm::devices::virtio::fs::{validate_tag, MAX_REQUEST_QUEUES};
 use wisp_vmm::devices::virtio::net::{valid_ifname, MacAddr, MAX_IFNAME_LEN, MIN_MTU};
 use wisp_vmm::{ConsoleOutput, DiskConfig, MicroVm, VmConfig, VmExit, VsockConfig};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "wisp-vmm",
-    version,
-    about = "wisp's micro-VM monitor: boots a Linux guest on KVM with virtio-mmio devices"
-)]
-struct Args {
-    /// Guest kernel: uncompressed vmlinux (ELF, PVH entry preferred) or bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initial ramdisk (cpio, optionally compressed).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Extra kernel command line, appended to what the VMM sets (console, devices).
-    #[arg(long, default_value = "", allow_hyphen_values = true)]
-    cmdline: String,
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    #[arg(long = "memory-mib", default_value_t = 128)]
-    memory_mib: u64,
-    /// Guest console: off (default; every byte printed costs a VM exit), stdout, or a file path.
-    #[arg(long, default_value = "off")]
-    console: String,
-    /// Host Unix socket for the hybrid vsock device (hosts connect and send `CONNECT <port>\n`).
-    #[arg(long = "vsock-uds")]
-    vsock_uds: Option<PathBuf>,
-    /// The guest's vsock context ID.
-    #[arg(long = "vsock-cid", default_value_t = 3)]
-    vsock_cid: u64,
-    /// A raw disk image as virtio-blk; `PATH,ro` for read-only. Repeatable.
-    #[arg(long = "disk")]
-    disks: Vec<String>,
-    /// A host directory shared over virtio-fs: `TAG=PATH[,ro][,cache=never|auto|always][,queues=N][,xattr]`;
-    /// the guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable, one device each.
-    #[arg(long = "shared-dir")]
-    shared_dirs: Vec<String>,
-    /// A network device on a tap: `fd=N,mac=AA:BB:CC:DD:EE:FF[,mtu=M]` with an inherited tap
-    /// descriptor N (opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), or `tap=NAME,mac=...[,mtu=M]`
-    /// to attach to (or create) the tap NAME. Repeatable: eth0, eth1, ...
-    #[arg(long = "net")]
-    nets: Vec<String>,
-    /// Disable the virtio-rng entropy device.
-    #[arg(long = "no-rng")]
-    no_rng: bool,
-    /// Control API socket (ttrpc): state, pause, resume, shutdown, boot timeline.
-    #[arg(long = "api-sock")]
-    api_sock: Option<PathBuf>,
-    /// Log level: error, warn, info, debug, trace (also WISP_LOG).
-    #[arg(long = "log-level")]
-    log_level: Option<String>,
-}
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let (path, ro) = match s.rsplit_once(',') {
@@ -239,7 +188,21 @@ fn forward_stop_signals(exits: std::sync::mpsc::Sender<VmExit>) -> std::io::Resu
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let args = Args::parse();
+    let args = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli::Command::Run(args)) => args,
+        Ok(cli::Command::Help) => {
+            print!("{}", cli::help());
+            return ExitCode::SUCCESS;
+        }
+        Ok(cli::Command::Version) => {
+            println!("wisp-vmm {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("wisp-vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let level = args
         .log_level
         .clone()
@@ -359,7 +322,8 @@ mod tests {
         // A tag with '=' cannot be written: the first '=' ends the tag and the rest is the path.
         assert!(parse_shared_dir(&format!("a=b={p}")).unwrap_err().contains("a=b="));
 
-        let mut a = Args::parse_from(["wisp-vmm", "--kernel", "k", "--shared-dir", &format!("t={p}")]);
+        let mut a = Args::new("k");
+        a.shared_dirs.push(format!("t={p}"));
         assert_eq!(config_from(&a).unwrap().shared_dirs.len(), 1);
         a.shared_dirs.push(format!("t={p},ro"));
         assert!(config_from(&a).unwrap_err().contains("tag 't' is used twice"));
@@ -410,7 +374,8 @@ mod tests {
             assert_eq!(e.lines().count(), 1, "{arg}: {e}");
         }
 
-        let mut a = Args::parse_from(["wisp-vmm", "--kernel", "k", "--net", "fd=5,mac=02:00:00:00:00:01"]);
+        let mut a = Args::new("k");
+        a.nets.push("fd=5,mac=02:00:00:00:00:01".into());
         a.nets.push("tap=wtap0,mac=02:00:00:00:00:02".into());
         assert_eq!(config_from(&a).unwrap().nets.len(), 2);
         a.nets.push("fd=5,mac=02:00:00:00:00:03".into());
@@ -434,7 +399,7 @@ mod tests {
 
     #[test]
     fn bad_console_and_cid_are_refused() {
-        let mut a = Args::parse_from(["wisp-vmm", "--kernel", "k"]);
+        let mut a = Args::new("k");
         assert_eq!(config_from(&a).unwrap().console, ConsoleOutput::Off);
         a.vsock_cid = 2;
         assert!(config_from(&a).unwrap_err().contains("vsock-cid"));

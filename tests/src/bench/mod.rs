@@ -216,6 +216,37 @@ pub fn run_experiment_from(
     (results, timelines)
 }
 
+/// The figures of `exp` once it is given up after `hosts` emulated hosts died while it
+/// ran: each fails, saying so and what the pairs it had recorded gave.
+pub fn given_up(exp: &Experiment, pairs: &Pairs, hosts: u32) -> Vec<FigureResult> {
+    exp.figures
+        .iter()
+        .map(|spec| {
+            let n = pairs.wisp.len().min(pairs.peer.len());
+            let (w, p) = (values_of(&pairs.wisp[..n], spec.name), values_of(&pairs.peer[..n], spec.name));
+            let summary = |s: Summary| format!("{:.2} ({:.2}–{:.2}) {}", s.median, s.min, s.max, spec.unit);
+            let recorded = match (Summary::of(&w), Summary::of(&p)) {
+                (Some(ws), Some(ps)) => {
+                    let ratio =
+                        if ps.median > 0.0 { format!(", ratio {:.2}x", ws.median / ps.median) } else { String::new() };
+                    format!(
+                        "; its {n} recorded pair(s): wisp {}, {} {}{ratio}",
+                        summary(ws),
+                        spec.peer_name,
+                        summary(ps)
+                    )
+                }
+                _ => "; it had recorded no pair".into(),
+            };
+            let why = format!(
+                "the emulated host died {hosts} times while it ran (an emulator fault under nested load); \
+                 given up so that the experiments after it could run{recorded}"
+            );
+            FigureResult { spec: spec.clone(), outcome: Outcome::Failed(why) }
+        })
+        .collect()
+}
+
 fn values_of(samples: &[Sample], name: &str) -> Vec<f64> {
     samples.iter().flat_map(|s| s.values.iter().filter(|(n, _)| *n == name).map(|(_, v)| *v)).collect()
 }

@@ -3,7 +3,9 @@
 //! wisp failure: see tests/README.md) goes on in a fresh host with `--resume` instead
 //! of starting over. Kept: finished experiments, and the recorded pairs of the one the
 //! host died in (it goes on from them after a new warm-up); an experiment whose
-//! figures failed runs again whole.
+//! figures failed runs again whole. An experiment that was going on when
+//! `MAX_HOSTS_LOST` hosts died is given up: its figures fail with that reason and what
+//! its recorded pairs gave, and the experiments after it get their turn.
 
 use std::path::Path;
 
@@ -12,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use super::timeline::Timeline;
 use super::{Experiment, FigureResult, Outcome, Pairs, Part, RunPlan, Sample};
+
+/// How many emulated hosts an experiment may take down before it is given up.
+pub const MAX_HOSTS_LOST: u32 = 2;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -29,6 +34,9 @@ pub struct Unfinished {
     pub wisp: Vec<StoredSample>,
     pub peer: Vec<StoredSample>,
     pub repeated: Vec<String>,
+    /// How many runs (emulated hosts) ended while this experiment was going on.
+    #[serde(default)]
+    pub hosts_lost: u32,
 }
 
 /// A `Sample` with its figure names as strings.
@@ -70,6 +78,9 @@ pub struct Finished {
     pub experiment: String,
     pub outcomes: Vec<(String, Outcome)>,
     pub timelines: Vec<Timeline>,
+    /// Given up after `MAX_HOSTS_LOST` hosts died in it: final, failed figures and all.
+    #[serde(default)]
+    pub given_up: bool,
 }
 
 impl Progress {
@@ -103,12 +114,47 @@ impl Progress {
 
     /// Keeps the pairs `exp` has recorded so far.
     pub fn record_pairs(&mut self, exp: &Experiment, pairs: &Pairs) {
+        let hosts_lost = self.hosts_lost(exp);
         self.unfinished = Some(Unfinished {
             experiment: exp.name.to_string(),
             wisp: pairs.wisp.iter().map(StoredSample::of).collect(),
             peer: pairs.peer.iter().map(StoredSample::of).collect(),
             repeated: pairs.repeated.clone(),
+            hosts_lost,
         });
+    }
+
+    /// This progress is being resumed: the run that wrote it ended (its emulated host
+    /// died) while its unfinished experiment was going on. Counted for that experiment,
+    /// even if it had recorded no pair yet.
+    pub fn resumed(&mut self, exps: &[Experiment]) {
+        let next = exps.iter().find(|e| self.measured(e).is_none()).map(|e| e.name);
+        match (&mut self.unfinished, next) {
+            (Some(u), _) => u.hosts_lost += 1,
+            (None, Some(name)) => {
+                self.unfinished = Some(Unfinished {
+                    experiment: name.to_string(),
+                    wisp: Vec::new(),
+                    peer: Vec::new(),
+                    repeated: Vec::new(),
+                    hosts_lost: 1,
+                })
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// How many runs ended while `exp` was going on.
+    pub fn hosts_lost(&self, exp: &Experiment) -> u32 {
+        self.unfinished.as_ref().filter(|u| u.experiment == exp.name).map_or(0, |u| u.hosts_lost)
+    }
+
+    /// Gives `exp` up: each figure fails with `why`; final (`measured` returns it).
+    pub fn give_up(&mut self, exp: &Experiment, results: &[FigureResult]) {
+        self.record(exp, results, &[]);
+        if let Some(f) = self.experiments.iter_mut().find(|f| f.experiment == exp.name) {
+            f.given_up = true;
+        }
     }
 
     /// The pairs `exp` recorded before the run was cut short (none if it was not the
@@ -132,10 +178,11 @@ impl Progress {
             experiment: exp.name.to_string(),
             outcomes: results.iter().map(|r| (r.spec.name.to_string(), r.outcome.clone())).collect(),
             timelines: timelines.to_vec(),
+            given_up: false,
         });
     }
 
-    /// `exp`'s earlier results, if it finished with every figure measured.
+    /// `exp`'s earlier results, if it finished with every figure measured or was given up.
     pub fn measured(&self, exp: &Experiment) -> Option<(Vec<FigureResult>, Vec<Timeline>)> {
         let f = self.experiments.iter().find(|f| f.experiment == exp.name)?;
         let results = exp
@@ -144,7 +191,7 @@ impl Progress {
             .map(|spec| {
                 let (_, outcome) = f.outcomes.iter().find(|(name, _)| name == spec.name)?;
                 match outcome {
-                    Outcome::Failed(_) => None,
+                    Outcome::Failed(_) if !f.given_up => None,
                     o => Some(FigureResult { spec: spec.clone(), outcome: o.clone() }),
                 }
             })
@@ -240,6 +287,46 @@ mod tests {
         let mut done = back.clone();
         done.record(&fs, &[], &[]);
         assert!(done.pairs(&fs).wisp.is_empty());
+    }
+
+    #[test]
+    fn an_experiment_in_which_two_hosts_died_is_given_up_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("progress.json");
+        let plan = RunPlan { runs: 5, warmup: 1 };
+        let exps = [exp("boot", &["boot_ms"]), exp("par", &["par_ms"]), exp("net", &["net_mbps"])];
+        let (boot, par, net) = (&exps[0], &exps[1], &exps[2]);
+        let r = |spec: &FigureSpec, outcome| FigureResult { spec: spec.clone(), outcome };
+        let mut p = Progress::new(&plan);
+        p.record(boot, &[r(&boot.figures[0], measured(3.0))], &[]);
+        // The host died in `par` before it recorded a pair: counted all the same.
+        p.resumed(&exps);
+        assert_eq!((p.hosts_lost(boot), p.hosts_lost(par), p.hosts_lost(net)), (0, 1, 0));
+        let one = |v: f64| Sample { values: vec![("par_ms", v)], timeline: None, parts: Vec::new() };
+        p.record_pairs(par, &Pairs { wisp: vec![one(1.0)], peer: vec![one(2.0)], repeated: Vec::new() });
+        assert_eq!(p.hosts_lost(par), 1, "recording a pair keeps the count");
+        p.save(&path).unwrap();
+        let mut back = Progress::load(&path).unwrap().unwrap();
+        back.resumed(&exps);
+        assert_eq!(back.hosts_lost(par), MAX_HOSTS_LOST);
+
+        let results = crate::bench::given_up(par, &back.pairs(par), back.hosts_lost(par));
+        match &results[0].outcome {
+            Outcome::Failed(why) => {
+                assert!(why.contains("died 2 times") && why.contains("1 recorded pair(s)"), "{why}");
+                assert!(why.contains("wisp 1.00 (1.00–1.00) ms, peer 2.00") && why.contains("ratio 0.50x"), "{why}");
+            }
+            o => panic!("{o:?}"),
+        }
+        back.give_up(par, &results);
+        back.save(&path).unwrap();
+        let mut again = Progress::load(&path).unwrap().unwrap();
+        assert!(again.measured(par).is_some(), "a given-up experiment does not run again");
+        // The next resume counts against the experiment after it.
+        again.resumed(&exps);
+        assert_eq!((again.hosts_lost(par), again.hosts_lost(net)), (0, 1));
+        let none = crate::bench::given_up(net, &Pairs::default(), 2);
+        assert!(matches!(&none[0].outcome, Outcome::Failed(w) if w.contains("recorded no pair")));
     }
 
     #[test]

@@ -19,10 +19,10 @@ use anyhow::{bail, Context};
 use wisp_tests::artifact;
 use wisp_tests::bench::figures::{boot_timeline_spec, experiments, not_yet_measured};
 use wisp_tests::bench::pods::PodEnvCell;
-use wisp_tests::bench::progress::Progress;
+use wisp_tests::bench::progress::{Progress, MAX_HOSTS_LOST};
 use wisp_tests::bench::timeline::{summarize, Timeline};
 use wisp_tests::bench::vms::Setup;
-use wisp_tests::bench::{report, run_experiment_from, Ctx, Experiment, FigureResult, Outcome, RunPlan};
+use wisp_tests::bench::{given_up, report, run_experiment_from, Ctx, Experiment, FigureResult, Outcome, RunPlan};
 
 const USAGE: &str =
     "usage: wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [--resume] [FILTER...]
@@ -32,7 +32,8 @@ const USAGE: &str =
   --boot-timeout SECS give up on a boot after this long (default 120)
   --out DIR           where report.md and report.json go (default target/bench)
   --resume            keep the experiments an earlier run with the same --runs and
-                      --warmup finished (DIR/progress.json); run the rest
+                      --warmup finished (DIR/progress.json); run the rest. The one that
+                      run ended in is counted; after 2 such ends it is given up
   FILTER              only these experiments or figures (names as in the report; the
                       experiments are `boot`, `boot_agent`, `idle_memory`, `shared_fs`,
                       `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start` and `net`)";
@@ -153,12 +154,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.resume {
+        progress.resumed(&exps);
+    }
     let mut done: Vec<Done> = Vec::new();
     for exp in &exps {
+        let hosts_lost = progress.hosts_lost(exp);
         let (results, timelines) = match progress.measured(exp) {
             Some(kept) => {
                 eprintln!("bench: {}: measured by the run this one resumes, kept", exp.name);
                 kept
+            }
+            None if hosts_lost >= MAX_HOSTS_LOST => {
+                eprintln!("bench: {}: the emulated host died {hosts_lost} times while it ran; given up", exp.name);
+                let results = given_up(exp, &progress.pairs(exp), hosts_lost);
+                progress.give_up(exp, &results);
+                if let Err(e) = progress.save(&progress_file) {
+                    eprintln!("wisp-bench: {e:#}");
+                    return ExitCode::from(1);
+                }
+                (results, Vec::new())
             }
             None => {
                 eprintln!("bench: {} ({} runs per side, interleaved, {} warm-up)", exp.name, plan.runs, plan.warmup);

@@ -155,7 +155,12 @@ fn main() -> ExitCode {
         }
     };
     if args.resume {
+        // Saved at once: the host may die again before the experiment records a pair.
         progress.resumed(&exps);
+        if let Err(e) = progress.save(&progress_file) {
+            eprintln!("wisp-bench: {e:#}");
+            return ExitCode::from(1);
+        }
     }
     let mut done: Vec<Done> = Vec::new();
     for exp in &exps {

@@ -102,7 +102,7 @@ pub fn markdown(results: &[FigureResult], runs: usize, warmup: usize, context: &
                     .slowest()
                     .map(|p| format!("info: slowest phase {} → {} ({:.0} ms)", p.from, p.to, p.ms.median))
                     .unwrap_or_else(|| "info".into());
-                (format!("{} to userspace", cell(&t.total, s.unit)), "—".into(), "—".into(), slow)
+                (format!("{} to {}", cell(&t.total, s.unit), t.end), "—".into(), "—".into(), slow)
             }
             Outcome::NotMeasured(why) => ("—".into(), "—".into(), "—".into(), format!("not measured: {why}")),
             Outcome::Failed(e) => ("—".into(), "—".into(), "—".into(), format!("failed: {}", first_line(e))),
@@ -159,18 +159,19 @@ fn timeline_markdown(t: &TimelineSummary) -> String {
     let _ = writeln!(md, "| --- | --- | --- | --- |");
     for p in &t.phases {
         let share = if t.total.median > 0.0 { 100.0 * p.ms.median / t.total.median } else { 0.0 };
+        // Points are ordered by when the host saw them; a console line can reach it after
+        // a later event (the agent's answer over vsock), which makes phases of its own.
+        let mut what = describe(&p.from, &p.to).to_string();
+        if p.runs < t.runs {
+            what.push_str(&format!(" (in {} of {} runs: the points came in another order)", p.runs, t.runs));
+        }
         let _ = writeln!(
             md,
-            "| {} → {} | {} | {:.1} ({:.1}–{:.1}) | {share:.0}% |",
-            p.from,
-            p.to,
-            describe(&p.from, &p.to),
-            p.ms.median,
-            p.ms.min,
-            p.ms.max
+            "| {} → {} | {what} | {:.1} ({:.1}–{:.1}) | {share:.0}% |",
+            p.from, p.to, p.ms.median, p.ms.min, p.ms.max
         );
     }
-    let _ = writeln!(md, "| total | spawn → userspace marker | {} | 100% |", cell(&t.total, "ms"));
+    let _ = writeln!(md, "| total | spawn → {} | {} | 100% |", t.end, cell(&t.total, "ms"));
     if let Some(p) = t.slowest() {
         let _ = writeln!(
             md,
@@ -288,6 +289,7 @@ fn figure_json(r: &FigureResult) -> Json {
                 ("n", Json::Num(t.runs as f64)),
                 ("result", Json::str("info")),
                 ("wisp_stats", summary_json(Some(t.total))),
+                ("total_ends_at", Json::str(&t.end)),
                 ("slowest_phase", slowest),
                 ("phases", Json::Arr(phases)),
                 ("console_gaps", Json::Arr(gaps)),

@@ -144,8 +144,11 @@ pub struct PhaseSummary {
 pub struct TimelineSummary {
     pub runs: usize,
     pub phases: Vec<PhaseSummary>,
-    /// Spawn to the userspace marker.
+    /// Spawn to each run's last point.
     pub total: Summary,
+    /// The last point of the runs (of the first run when they differ): what `total` ends at.
+    #[serde(default)]
+    pub end: String,
     /// The longest console silences of the run with the median total.
     pub console_gaps: Vec<ConsoleGap>,
     /// Console bytes up to userspace, median.
@@ -192,6 +195,7 @@ pub fn summarize(runs: &[Timeline]) -> Option<TimelineSummary> {
         runs: runs.len(),
         phases,
         total,
+        end: runs.first().and_then(|t| t.points.last()).map(|p| p.name.clone()).unwrap_or_default(),
         console_gaps: median_run.console_gaps.clone(),
         console_bytes: Summary::of(&bytes),
     })
@@ -256,6 +260,8 @@ mod tests {
         let s = summarize(&runs).unwrap();
         assert_eq!(s.runs, 3);
         assert_eq!(s.total.median.round(), 900.0);
+        assert_eq!(s.end, MARKER);
+        assert!(s.phases.iter().all(|p| p.runs == 3));
         let slow = s.slowest().unwrap();
         assert_eq!((slow.from.as_str(), slow.to.as_str()), (FIRST_CONSOLE, MARKER));
         assert_eq!(slow.ms.median.round(), 800.0);

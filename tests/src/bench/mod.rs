@@ -201,7 +201,12 @@ pub fn run_experiment_from(
         .iter()
         .map(|spec| {
             let outcome = match &error {
-                Some(e) => Outcome::Failed(e.clone()),
+                // The table shows the first line: what the recorded pairs gave goes there.
+                Some(e) => {
+                    let (first, rest) = e.split_once('\n').unwrap_or((e.as_str(), ""));
+                    let rest = if rest.is_empty() { String::new() } else { format!("\n{rest}") };
+                    Outcome::Failed(format!("{first}; {}{rest}", recorded(spec, &wisp, &peer)))
+                }
                 None => Outcome::Measured {
                     wisp: values_of(&wisp, spec.name),
                     peer: values_of(&peer, spec.name),
@@ -222,29 +227,28 @@ pub fn given_up(exp: &Experiment, pairs: &Pairs, hosts: u32) -> Vec<FigureResult
     exp.figures
         .iter()
         .map(|spec| {
-            let n = pairs.wisp.len().min(pairs.peer.len());
-            let (w, p) = (values_of(&pairs.wisp[..n], spec.name), values_of(&pairs.peer[..n], spec.name));
-            let summary = |s: Summary| format!("{:.2} ({:.2}–{:.2}) {}", s.median, s.min, s.max, spec.unit);
-            let recorded = match (Summary::of(&w), Summary::of(&p)) {
-                (Some(ws), Some(ps)) => {
-                    let ratio =
-                        if ps.median > 0.0 { format!(", ratio {:.2}x", ws.median / ps.median) } else { String::new() };
-                    format!(
-                        "; its {n} recorded pair(s): wisp {}, {} {}{ratio}",
-                        summary(ws),
-                        spec.peer_name,
-                        summary(ps)
-                    )
-                }
-                _ => "; it had recorded no pair".into(),
-            };
             let why = format!(
                 "the emulated host died {hosts} times while it ran (an emulator fault under nested load); \
-                 given up so that the experiments after it could run{recorded}"
+                 given up so that the experiments after it could run; {}",
+                recorded(spec, &pairs.wisp, &pairs.peer)
             );
             FigureResult { spec: spec.clone(), outcome: Outcome::Failed(why) }
         })
         .collect()
+}
+
+/// What the complete pairs recorded for `spec` give: medians and their ratio.
+fn recorded(spec: &FigureSpec, wisp: &[Sample], peer: &[Sample]) -> String {
+    let n = wisp.len().min(peer.len());
+    let (w, p) = (values_of(&wisp[..n], spec.name), values_of(&peer[..n], spec.name));
+    let summary = |s: Summary| format!("{:.2} ({:.2}–{:.2}) {}", s.median, s.min, s.max, spec.unit);
+    match (Summary::of(&w), Summary::of(&p)) {
+        (Some(ws), Some(ps)) => {
+            let ratio = if ps.median > 0.0 { format!(", ratio {:.2}x", ws.median / ps.median) } else { String::new() };
+            format!("its {n} recorded pair(s): wisp {}, {} {}{ratio}", summary(ws), spec.peer_name, summary(ps))
+        }
+        _ => "it had recorded no pair".into(),
+    }
 }
 
 fn values_of(samples: &[Sample], name: &str) -> Vec<f64> {
@@ -358,5 +362,33 @@ mod tests {
         let exp = Experiment { name: "x", sides: ("w", "p"), run: failing, figures: vec![spec("a")] };
         let (res, _) = run_experiment(&exp, &ctx(), &RunPlan { runs: 3, warmup: 0 });
         assert!(matches!(&res[0].outcome, Outcome::Failed(e) if e.contains("peer broke")), "{:?}", res[0].outcome);
+        assert!(matches!(&res[0].outcome, Outcome::Failed(e) if e.contains("recorded no pair")));
+    }
+
+    static PEER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// The peer's third and later runs fail.
+    fn peer_fails_late(_: &Ctx, side: Side) -> anyhow::Result<Sample> {
+        let v = match side {
+            Side::Wisp => 1.0,
+            Side::Peer if PEER_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2 => {
+                anyhow::bail!("host gone\nits console: ...")
+            }
+            Side::Peer => 2.0,
+        };
+        Ok(Sample { values: vec![("a", v)], ..Default::default() })
+    }
+
+    #[test]
+    fn a_failure_after_some_pairs_says_what_they_gave_on_its_first_line() {
+        let exp = Experiment { name: "x", sides: ("w", "p"), run: peer_fails_late, figures: vec![spec("a")] };
+        let (res, _) = run_experiment(&exp, &ctx(), &RunPlan { runs: 5, warmup: 0 });
+        let Outcome::Failed(e) = &res[0].outcome else { panic!("{:?}", res[0].outcome) };
+        let first = e.lines().next().unwrap();
+        assert!(
+            first.contains("host gone; its 2 recorded pair(s): wisp 1.00") && first.ends_with("ratio 0.50x"),
+            "{e}"
+        );
+        assert!(e.ends_with("\nits console: ..."), "{e}");
     }
 }

@@ -159,11 +159,9 @@ fn timeline_markdown(t: &TimelineSummary) -> String {
     let _ = writeln!(md, "| --- | --- | --- | --- |");
     for p in &t.phases {
         let share = if t.total.median > 0.0 { 100.0 * p.ms.median / t.total.median } else { 0.0 };
-        // Points are ordered by when the host saw them; a console line can reach it after
-        // a later event (the agent's answer over vsock), which makes phases of its own.
         let mut what = describe(&p.from, &p.to).to_string();
         if p.runs < t.runs {
-            what.push_str(&format!(" (in {} of {} runs: the points came in another order)", p.runs, t.runs));
+            what.push_str(&format!(" (in {} of {} runs)", p.runs, t.runs));
         }
         let _ = writeln!(
             md,
@@ -172,6 +170,15 @@ fn timeline_markdown(t: &TimelineSummary) -> String {
         );
     }
     let _ = writeln!(md, "| total | spawn → {} | {} | 100% |", t.end, cell(&t.total, "ms"));
+    if t.phases.iter().any(|p| p.runs < t.runs) {
+        // Points are ordered by when the host saw them: a console line is timed when the
+        // host reads it, which can be after a later event (the agent's answer over vsock).
+        let _ = writeln!(
+            md,
+            "\nA phase seen in only some runs: the points came in another order in the others (a console \
+             line is timed when the host reads it, which can be after the agent's answer over vsock)."
+        );
+    }
     if let Some(p) = t.slowest() {
         let _ = writeln!(
             md,

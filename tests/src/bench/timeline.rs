@@ -146,7 +146,7 @@ pub struct TimelineSummary {
     pub phases: Vec<PhaseSummary>,
     /// Spawn to each run's last point.
     pub total: Summary,
-    /// The last point of the runs (of the first run when they differ): what `total` ends at.
+    /// The last point of most runs: what `total` ends at.
     #[serde(default)]
     pub end: String,
     /// The longest console silences of the run with the median total.
@@ -195,10 +195,23 @@ pub fn summarize(runs: &[Timeline]) -> Option<TimelineSummary> {
         runs: runs.len(),
         phases,
         total,
-        end: runs.first().and_then(|t| t.points.last()).map(|p| p.name.clone()).unwrap_or_default(),
+        end: most_common(runs.iter().filter_map(|t| t.points.last()).map(|p| p.name.as_str())),
         console_gaps: median_run.console_gaps.clone(),
         console_bytes: Summary::of(&bytes),
     })
+}
+
+/// The most frequent name (the first seen among equals); empty for none.
+fn most_common<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for n in names {
+        match counts.iter_mut().find(|(c, _)| *c == n) {
+            Some((_, k)) => *k += 1,
+            None => counts.push((n, 1)),
+        }
+    }
+    let best = counts.iter().map(|(_, k)| *k).max().unwrap_or(0);
+    counts.into_iter().find(|(_, k)| *k == best).map(|(n, _)| n.to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -261,6 +274,9 @@ mod tests {
         assert_eq!(s.runs, 3);
         assert_eq!(s.total.median.round(), 900.0);
         assert_eq!(s.end, MARKER);
+        assert_eq!(most_common(["a", "b", "b", "a", "c", "b"].into_iter()), "b");
+        assert_eq!(most_common(["a", "b"].into_iter()), "a");
+        assert_eq!(most_common(std::iter::empty()), "");
         assert!(s.phases.iter().all(|p| p.runs == 3));
         let slow = s.slowest().unwrap();
         assert_eq!((slow.from.as_str(), slow.to.as_str()), (FIRST_CONSOLE, MARKER));

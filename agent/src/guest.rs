@@ -57,7 +57,11 @@ pub fn mount_shared_fs(tag: &str, mount_point: &Path) -> Result<(), GuestError> 
         )));
     }
     std::fs::create_dir_all(mount_point).map_err(io_err(format!("creating {}", mount_point.display())))?;
-    mount(Some(tag), mount_point, Some("virtiofs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>).map_err(
+    // Neither nosuid nor nodev: containers' root filesystems come from here and keep
+    // their image's semantics in the guest, as with runc (a setuid `su` or `ping` works
+    // for a non-root user). The host side is what must never honour the guest's setuid
+    // files or device nodes: every host mount below the share is nosuid,nodev.
+    mount(Some(tag), mount_point, Some("virtiofs"), MsFlags::empty(), None::<&str>).map_err(
         |source| GuestError::SharedFs { tag: tag.into(), mount_point: mount_point.display().to_string(), source },
     )?;
     raise_read_ahead(mount_point);

@@ -4,8 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::mount::{umount2, MntFlags};
-
 /// Mount points at or below `dir`, deepest first, from /proc/self/mountinfo.
 pub fn mounts_below(dir: &Path, mountinfo: &str) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = mountinfo
@@ -40,12 +38,34 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Detaches every mount below `dir` (deepest first).
+/// Unmounts every mount below `dir` (deepest first; lazily when busy). Each is opened
+/// from `dir` without following a symlink (`hostfs`), so a path in the mount table that
+/// a guest redirected is skipped with a warning, never followed.
 pub fn unmount_below(dir: &Path) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    for m in mounts_below(dir, &info) {
-        if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+    let below = mounts_below(dir, &info);
+    if below.is_empty() {
+        return;
+    }
+    let root = match crate::hostfs::Dir::open_trusted(dir) {
+        Ok(d) => d,
+        Err(e) => return log::warn!("unmounting below {}: {e}", dir.display()),
+    };
+    for m in below {
+        let Ok(rel) = m.strip_prefix(dir) else { continue };
+        if rel.as_os_str().is_empty() {
+            // `dir` itself a mount point: not ours to take down.
+            continue;
+        }
+        if let Err(e) = crate::hostfs::unmount(&root, rel, None) {
             log::warn!("unmounting {}: {e}", m.display());
+            continue;
+        }
+        // Mounts stacked on the same point (a rootfs of several mounts) show as one path.
+        for _ in 0..16 {
+            if crate::hostfs::unmount(&root, rel, None).is_err() {
+                break;
+            }
         }
     }
 }

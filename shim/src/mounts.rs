@@ -1,17 +1,25 @@
 //! What the shim mounts on the host for a container, and how it all comes down again.
 //!
-//! The container's directory on the share is `<sandbox state>/shared/<cid>/`: the rootfs
+//! The container's directory on the share (`share.rs`) is `<cid>/`: the rootfs
 //! (containerd's snapshot mounts) at `rootfs/`, and each bind mount of the spec at
-//! `mounts/<n>` (a directory or an empty file as mount point). Read-only binds are
-//! remounted read-only so the guest cannot write through them. Every mount is recorded
-//! as it is made; `unmount_all` takes them down in reverse order (lazily if busy) and
-//! removes the directory, also after a failure halfway through setup.
+//! `mounts/<n>` (a directory or an empty file as mount point). Mount points are created
+//! in the host-only skeleton and mounted onto in the guest's read-only view, all through
+//! `hostfs` (fd-relative, no symlink followed, no mount crossed). Every host mount is
+//! `nosuid,nodev` (the guest's setuid files and device nodes mean nothing on the host);
+//! read-only binds are read-only with every mount below them. Binds of the host's
+//! `/proc`, `/sys` and `/dev` are refused. Each mount's id is recorded as it is made;
+//! `unmount_all` takes down exactly those (newest first), then removes the container's
+//! directory, also after a failure halfway through setup.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use containerd_shim_protos::api::Mount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::MsFlags;
 
+use crate::hostfs::{self, GUARD};
+use crate::share::Share;
 use crate::spec::SharedBind;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,70 +32,107 @@ pub enum MountError {
     Bind { source_path: String, destination: String, reason: String },
 }
 
+/// Host trees a wisp pod never gets through the share: they are the host kernel's
+/// (processes, devices, sysfs), the guest has its own, and a bind of one would hand the
+/// guest a view of, or a device node on, the host.
+const REFUSED_BIND_SOURCES: [&str; 3] = ["/proc", "/sys", "/dev"];
+
 /// The mounts of one container, newest last.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ContainerMounts {
-    dir: PathBuf,
-    mounted: Vec<PathBuf>,
+    share: Arc<Share>,
+    id: String,
+    /// (path below the view, mount id), in the order they were made.
+    mounted: Vec<(PathBuf, u64)>,
 }
 
 impl ContainerMounts {
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir, mounted: Vec::new() }
+    pub fn new(share: Arc<Share>, id: &str) -> Self {
+        Self { share, id: id.to_string(), mounted: Vec::new() }
+    }
+
+    fn mkdir(&self, rel: &Path) -> Result<(), MountError> {
+        self.share.skel.mkdir_all(rel, 0o700).map(drop).map_err(|source| MountError::Create {
+            path: self.share.skel.path().join(rel).display().to_string(),
+            source,
+        })
+    }
+
+    /// The mount id now visible at `rel` in the view (after a mount there).
+    fn record(&mut self, rel: &Path) -> Result<(), String> {
+        let fd = self.share.view.open_target(rel).map_err(|e| e.to_string())?;
+        let id = hostfs::mount_id(fd.as_fd()).map_err(|e| e.to_string())?;
+        self.mounted.push((rel.to_path_buf(), id));
+        Ok(())
     }
 
     /// Mounts the rootfs: containerd's mounts when given, else a bind of `bundle_rootfs`.
     pub fn mount_rootfs(&mut self, rootfs: &[Mount], bundle_rootfs: &Path) -> Result<(), MountError> {
-        let target = self.dir.join("rootfs");
-        mkdir(&target)?;
-        let t = target.display().to_string();
+        let rel = Path::new(&self.id).join("rootfs");
+        self.mkdir(&rel)?;
+        let t = self.share.view.path().join(&rel).display().to_string();
+        let err = |reason: String| MountError::Rootfs { target: t.clone(), reason };
         if rootfs.is_empty() {
-            bind(bundle_rootfs, &target, false).map_err(|reason| MountError::Rootfs { target: t.clone(), reason })?;
+            let target = self.share.view.open_target(&rel).map_err(|e| err(e.to_string()))?;
+            hostfs::bind(bundle_rootfs, target.as_fd(), GUARD, true).map_err(|e| err(e.to_string()))?;
+            self.record(&rel).map_err(err)?;
         } else {
             for m in rootfs {
-                mount_one(m, &target).map_err(|reason| MountError::Rootfs { target: t.clone(), reason })?;
+                // Opened anew for each: a second mount stacks on the first's root.
+                let target = self.share.view.open_target(&rel).map_err(|e| err(e.to_string()))?;
+                mount_one(m, target.as_fd()).map_err(err)?;
+                self.record(&rel).map_err(err)?;
             }
         }
-        self.mounted.push(target);
         Ok(())
     }
 
     /// Bind-mounts each of the spec's binds onto the share.
     pub fn mount_binds(&mut self, binds: &[SharedBind]) -> Result<(), MountError> {
         for b in binds {
-            let target = self.dir.join(b.share_name());
+            let rel = Path::new(&self.id).join(b.share_name());
             let err = |reason: String| MountError::Bind {
                 source_path: b.source.display().to_string(),
                 destination: b.destination.clone(),
                 reason,
             };
-            let meta = std::fs::metadata(&b.source).map_err(|e| err(e.to_string()))?;
-            if meta.is_dir() {
-                mkdir(&target)?;
-            } else {
-                if let Some(parent) = target.parent() {
-                    mkdir(parent)?;
-                }
-                std::fs::write(&target, b"").map_err(|source| MountError::Create { path: target.display().to_string(), source })?;
+            let real = std::fs::canonicalize(&b.source).map_err(|e| err(e.to_string()))?;
+            if let Some(r) = REFUSED_BIND_SOURCES.iter().find(|r| real.starts_with(r)) {
+                return Err(err(format!(
+                    "{} is below the host's {r}, which a wisp pod never gets (the guest has its own {r}; \
+                     sharing the host's would expose host processes, devices or kernel settings to the pod)",
+                    real.display()
+                )));
             }
-            bind(&b.source, &target, b.read_only).map_err(err)?;
-            self.mounted.push(target);
+            let meta = std::fs::metadata(&real).map_err(|e| err(e.to_string()))?;
+            if meta.is_dir() {
+                self.mkdir(&rel)?;
+            } else {
+                let parent = rel.parent().unwrap_or(Path::new(""));
+                self.mkdir(parent)?;
+                self.share.skel.create_file(&rel, 0o600).map_err(|source| MountError::Create {
+                    path: self.share.skel.path().join(&rel).display().to_string(),
+                    source,
+                })?;
+            }
+            let target = self.share.view.open_target(&rel).map_err(|e| err(e.to_string()))?;
+            let attrs = if b.read_only { GUARD | libc::MOUNT_ATTR_RDONLY } else { GUARD };
+            let id = hostfs::bind(&real, target.as_fd(), attrs, true).map_err(|e| err(e.to_string()))?;
+            self.mounted.push((rel, id));
         }
         Ok(())
     }
 
-    /// Unmounts everything (reverse order; lazily when busy) and removes the directory.
+    /// Unmounts what was recorded (newest first; lazily when busy) and removes the
+    /// container's directory from the skeleton.
     pub fn unmount_all(&mut self) {
-        while let Some(m) = self.mounted.pop() {
-            if let Err(e) = umount2(&m, MntFlags::empty()) {
-                log::warn!("unmounting {}: {e}; detaching it lazily", m.display());
-                let _ = umount2(&m, MntFlags::MNT_DETACH);
+        while let Some((rel, id)) = self.mounted.pop() {
+            if let Err(e) = hostfs::unmount(&self.share.view, &rel, Some(id)) {
+                log::warn!("{e}");
             }
         }
-        if self.dir.exists() {
-            if let Err(e) = remove_tree_same_fs(&self.dir) {
-                log::warn!("removing {}: {e}", self.dir.display());
-            }
+        if let Err(e) = self.share.skel.remove_tree(Path::new(&self.id)) {
+            log::warn!("removing {}: {e}", self.share.skel.path().join(&self.id).display());
         }
     }
 }
@@ -130,63 +175,21 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
 
 /// One of containerd's rootfs mounts (overlay snapshot, or a bind for native
 /// snapshots), done in this process: no fork, so no reaper is involved.
-fn mount_one(m: &Mount, target: &Path) -> Result<(), String> {
+fn mount_one(m: &Mount, target: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
     let (flags, data) = parse_options(&m.options);
     if data.len() >= 4096 {
         return Err(format!("mount options of {} bytes exceed a page; too many image layers", data.len()));
     }
-    let fs_type = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
+    if flags.contains(MsFlags::MS_BIND) {
+        let attrs = if flags.contains(MsFlags::MS_RDONLY) { GUARD | libc::MOUNT_ATTR_RDONLY } else { GUARD };
+        hostfs::bind(Path::new(&m.source), target, attrs, flags.contains(MsFlags::MS_REC))
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
     let source = (!m.source.is_empty()).then_some(m.source.as_str());
     let data = (!data.is_empty()).then_some(data.as_str());
-    let base = flags & !MsFlags::MS_RDONLY;
-    let is_bind = flags.contains(MsFlags::MS_BIND);
-    mount(source, target, fs_type, if is_bind { base } else { flags }, data).map_err(|e| format!("{} mount of {:?}: {e}", m.type_, m.source))?;
-    if is_bind && flags.contains(MsFlags::MS_RDONLY) {
-        mount(None::<&str>, target, None::<&str>, base | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>)
-            .map_err(|e| format!("read-only remount of {}: {e}", target.display()))?;
-    }
-    Ok(())
-}
-
-fn mkdir(p: &Path) -> Result<(), MountError> {
-    std::fs::create_dir_all(p).map_err(|source| MountError::Create { path: p.display().to_string(), source })
-}
-
-fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(|e| e.to_string())?;
-    if read_only {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(format!("read-only remount: {e}"));
-        }
-    }
-    Ok(())
-}
-
-/// Removes a directory tree without crossing into anything still mounted below it
-/// (a mount that could not be taken down must not lose its files).
-fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::symlink_metadata(dir)?.dev();
-    fn walk(p: &Path, dev: u64) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(p)? {
-            let entry = entry?;
-            let meta = std::fs::symlink_metadata(entry.path())?;
-            if meta.dev() != dev {
-                return Err(std::io::Error::other(format!("{} is still a mount point", entry.path().display())));
-            }
-            if meta.is_dir() {
-                walk(&entry.path(), dev)?;
-                std::fs::remove_dir(entry.path())?;
-            } else {
-                std::fs::remove_file(entry.path())?;
-            }
-        }
-        Ok(())
-    }
-    walk(dir, dev)?;
-    std::fs::remove_dir(dir)
+    hostfs::mount_fs(source, target, &m.type_, flags, data)
+        .map_err(|e| format!("{} mount of {:?}: {e}", m.type_, m.source))
 }
 
 #[cfg(test)]
@@ -206,23 +209,47 @@ mod tests {
         assert!(!f.contains(MsFlags::MS_RDONLY));
     }
 
+    fn share() -> (tempfile::TempDir, Arc<Share>) {
+        let d = tempfile::tempdir().unwrap();
+        let skel = hostfs::Dir::open_trusted(d.path()).unwrap();
+        let view = hostfs::Dir::open_trusted(d.path()).unwrap();
+        (d, Arc::new(Share { skel, view }))
+    }
+
     #[test]
     fn removes_plain_trees() {
-        let d = tempfile::tempdir().unwrap();
+        let (d, share) = share();
         let c = d.path().join("c1");
         std::fs::create_dir_all(c.join("mounts/3")).unwrap();
         std::fs::write(c.join("mounts/1"), b"").unwrap();
-        let mut m = ContainerMounts::new(c.clone());
+        let mut m = ContainerMounts::new(share, "c1");
         m.unmount_all();
         assert!(!c.exists());
     }
 
     #[test]
     fn missing_bind_source_names_it() {
-        let d = tempfile::tempdir().unwrap();
-        let mut m = ContainerMounts::new(d.path().join("c1"));
-        let b = SharedBind { index: 0, source: "/nonexistent/vol".into(), destination: "/data".into(), read_only: false };
+        let (_d, share) = share();
+        let mut m = ContainerMounts::new(share, "c1");
+        let b =
+            SharedBind { index: 0, source: "/nonexistent/vol".into(), destination: "/data".into(), read_only: false };
         let e = m.mount_binds(&[b]).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/vol") && e.contains("/data"), "{e}");
+    }
+
+    #[test]
+    fn host_proc_sys_and_dev_are_refused_by_name() {
+        let (d, share) = share();
+        let mut m = ContainerMounts::new(share, "c1");
+        let link = d.path().join("sneaky");
+        std::os::unix::fs::symlink("/proc/self", &link).unwrap();
+        for (src, root) in
+            [("/proc", "/proc"), ("/sys/kernel", "/sys"), ("/dev/null", "/dev"), (link.to_str().unwrap(), "/proc")]
+        {
+            let b = SharedBind { index: 0, source: src.into(), destination: "/x".into(), read_only: true };
+            let e = m.mount_binds(&[b]).unwrap_err().to_string();
+            assert!(e.contains(src) && e.contains("/x") && e.contains(&format!("host's {root}")), "{e}");
+        }
+        assert!(m.mounted.is_empty() && !d.path().join("c1/mounts").exists());
     }
 }

@@ -8,13 +8,15 @@
 //! the last container's Delete tears the VM down and removes `/run/wisp/<id>/`.
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use containerd_shim_protos::api::Mount;
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim_protos::topics;
 use wisp_config::Config;
@@ -26,6 +28,7 @@ use crate::events::EventSink;
 use crate::io::{ProcessIo, StdioPaths};
 use crate::mounts::ContainerMounts;
 use crate::network::{self, PodNetwork};
+use crate::share::Share;
 use crate::spec::{BundleSpec, GUEST_SHARED_DIR};
 use crate::vm::{SandboxPaths, VmmProcess};
 
@@ -62,6 +65,8 @@ struct Guest {
     grace: Duration,
     /// The taps and tc plumbing in the pod's network namespace, if it has one.
     net: Option<PodNetwork>,
+    /// The share's skeleton and the guest's read-only view of it.
+    share: Arc<Share>,
 }
 
 /// The exit status of a process that could not be started (or was deleted before it
@@ -159,10 +164,25 @@ impl Sandbox {
                 self.id
             )));
         }
-        std::fs::create_dir_all(paths.shared())
-            .map_err(|e| internal(format!("creating {}: {e}", paths.shared().display())))?;
+        // The state root and the sandbox's directory are root's alone (0700): below
+        // them are the guest's files, setuid ones included, and the pod's volumes.
+        if let Some(root) = paths.dir.parent() {
+            crate::hostfs::create_dir_all_mode(root, 0o700).map_err(internal)?;
+        }
+        std::fs::DirBuilder::new().mode(0o700).create(&paths.dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                TaskError::AlreadyExists(format!(
+                    "{} exists: another wisp sandbox with id {} is running",
+                    paths.dir.display(),
+                    self.id
+                ))
+            } else {
+                internal(format!("creating {}: {e}", paths.dir.display()))
+            }
+        })?;
         // From here on, dropping `b` undoes everything done so far.
         let mut b = Booting { paths: paths.clone(), net: None, vm: None, armed: true };
+        let share = Arc::new(Share::create(&paths.dir).map_err(|e| internal(format!("setting up the share: {e}")))?);
         if let Some(netns) = &netns {
             b.net = Some(PodNetwork::setup(netns).map_err(|e| internal(format!("setting up the pod network: {e}")))?);
         }
@@ -202,7 +222,7 @@ impl Sandbox {
         }
         let net = b.finish();
         let grace = config.runtime.shutdown_grace();
-        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace, net });
+        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace, net, share });
         self.watch_oom(agent);
         Ok(())
     }
@@ -214,7 +234,10 @@ impl Sandbox {
                 Ok(ev) => {
                     let Some(sb) = me.upgrade() else { return };
                     log::info!("OOM kill in container {}", ev.container_id);
-                    sb.events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }));
+                    sb.events.publish(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }),
+                    );
                 }
                 Err(_) => return,
             }
@@ -264,8 +287,8 @@ impl Sandbox {
             // A VMM that is already gone, or an agent that no longer answers, means the
             // guest ended by itself (panic, reset): its console says why (`vm_ended`
             // logged it if it came first).
-            let unexpected = g.vm.exited().is_some()
-                || g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new()).is_err();
+            let unexpected =
+                g.vm.exited().is_some() || g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new()).is_err();
             g.vm.stop(g.grace);
             if unexpected && !tail_logged {
                 if let Some(tail) = console_tail(&g.paths) {
@@ -276,6 +299,8 @@ impl Sandbox {
             if let Some(mut net) = g.net {
                 net.teardown();
             }
+            // Our fds on the share go first, so its view unmounts without a lazy detach.
+            drop(g.share);
             remove_state_dir(&g.paths.dir);
         }
     }
@@ -306,12 +331,12 @@ impl Sandbox {
 
     fn create_in_guest(&self, req: &CreateRequest, spec: &BundleSpec) -> Result<(), TaskError> {
         let agent = self.agent()?;
-        let (shared, vsock) = {
+        let (share, vsock) = {
             let st = self.lock();
             let g = st.guest.as_ref().ok_or_else(|| TaskError::FailedPrecondition("no VM".into()))?;
-            (g.paths.shared(), g.paths.vsock())
+            (g.share.clone(), g.paths.vsock())
         };
-        let mut mounts = ContainerMounts::new(shared.join(&req.id));
+        let mut mounts = ContainerMounts::new(share, &req.id);
         mounts.mount_rootfs(&req.rootfs, &spec.root_path(&req.bundle)).map_err(internal)?;
         mounts.mount_binds(&spec.shared_binds()).map_err(internal)?;
 
@@ -323,24 +348,26 @@ impl Sandbox {
             sandbox_container: spec.is_sandbox_container(),
             ..Default::default()
         };
-        agent.client.create_container(agent.ctx(), &creq).map_err(|e| TaskError::InvalidArgument(call_error("CreateContainer", e).to_string()))?;
+        agent
+            .client
+            .create_container(agent.ctx(), &creq)
+            .map_err(|e| TaskError::InvalidArgument(call_error("CreateContainer", e).to_string()))?;
         let io = match ProcessIo::attach(&vsock, &req.id, "", &req.stdio) {
             Ok(io) => io,
             Err(e) => {
-                let rm = agent::RemoveContainerRequest { container_id: req.id.clone(), timeout_ms: 5000, ..Default::default() };
+                let rm = agent::RemoveContainerRequest {
+                    container_id: req.id.clone(),
+                    timeout_ms: 5000,
+                    ..Default::default()
+                };
                 let _ = agent.client.remove_container(agent.ctx(), &rm);
                 return Err(internal(e));
             }
         };
         let mut init = Process::new("", req.stdio.clone(), Vec::new());
         init.io = Some(Arc::new(Mutex::new(io)));
-        let container = Container {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            init,
-            execs: HashMap::new(),
-            mounts,
-        };
+        let container =
+            Container { id: req.id.clone(), bundle: req.bundle.clone(), init, execs: HashMap::new(), mounts };
         self.lock().containers.insert(req.id.clone(), container);
         self.events.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
@@ -362,10 +389,17 @@ impl Sandbox {
         Ok(())
     }
 
-    fn with_process<T>(&self, cid: &str, eid: &str, f: impl FnOnce(&mut Process) -> Result<T, TaskError>) -> Result<T, TaskError> {
+    fn with_process<T>(
+        &self,
+        cid: &str,
+        eid: &str,
+        f: impl FnOnce(&mut Process) -> Result<T, TaskError>,
+    ) -> Result<T, TaskError> {
         let mut st = self.lock();
         let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
-        let p = c.process_mut(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of container {cid} not found")))?;
+        let p = c
+            .process_mut(eid)
+            .ok_or_else(|| TaskError::NotFound(format!("exec {eid} of container {cid} not found")))?;
         f(p)
     }
 
@@ -397,7 +431,10 @@ impl Sandbox {
         self.spawn_waiter(agent, cid, eid);
         let pid = std::process::id();
         if eid.is_empty() {
-            self.events.publish(topics::TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid.into(), pid, ..Default::default() }));
+            self.events.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart { container_id: cid.into(), pid, ..Default::default() }),
+            );
         } else {
             self.events.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -408,7 +445,14 @@ impl Sandbox {
     }
 
     /// Starts the container's init or an exec in the guest; returns the guest pid.
-    fn start_in_guest(&self, agent: &Agent, cid: &str, eid: &str, stdio: StdioPaths, spec: Vec<u8>) -> Result<u32, TaskError> {
+    fn start_in_guest(
+        &self,
+        agent: &Agent,
+        cid: &str,
+        eid: &str,
+        stdio: StdioPaths,
+        spec: Vec<u8>,
+    ) -> Result<u32, TaskError> {
         let guest_pid = if eid.is_empty() {
             let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
             agent.client.start_container(agent.ctx(), &req).map_err(|e| internal(call_error("StartContainer", e)))?.pid
@@ -420,7 +464,11 @@ impl Sandbox {
                 stdio: protobuf::MessageField::some(stdio.spec()),
                 ..Default::default()
             };
-            let pid = agent.client.exec_process(agent.ctx(), &req).map_err(|e| TaskError::InvalidArgument(call_error("ExecProcess", e).to_string()))?.pid;
+            let pid = agent
+                .client
+                .exec_process(agent.ctx(), &req)
+                .map_err(|e| TaskError::InvalidArgument(call_error("ExecProcess", e).to_string()))?
+                .pid;
             let vsock = self.lock().guest.as_ref().map(|g| g.paths.vsock()).unwrap_or_default();
             let io = ProcessIo::attach(&vsock, cid, eid, &stdio).map_err(internal)?;
             self.with_process(cid, eid, |p| {
@@ -451,7 +499,9 @@ impl Sandbox {
             if let Some(io) = io {
                 let drained = io.lock().unwrap_or_else(|e| e.into_inner()).wait_output(OUTPUT_DRAIN);
                 if !drained {
-                    log::warn!("{cid}/{eid}: output still flowing {OUTPUT_DRAIN:?} after exit; reporting the exit anyway");
+                    log::warn!(
+                        "{cid}/{eid}: output still flowing {OUTPUT_DRAIN:?} after exit; reporting the exit anyway"
+                    );
                 }
             }
             let exit = sb.with_process(&cid, &eid, |p| {
@@ -490,9 +540,13 @@ impl Sandbox {
         }
         {
             let mut st = self.lock();
-            let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+            let c =
+                st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
             if c.init.status != Status::Running {
-                return Err(TaskError::FailedPrecondition(format!("container {cid} is {:?}, not running", c.init.status)));
+                return Err(TaskError::FailedPrecondition(format!(
+                    "container {cid} is {:?}, not running",
+                    c.init.status
+                )));
             }
             if c.execs.contains_key(eid) {
                 return Err(TaskError::AlreadyExists(format!("exec {eid} already exists in {cid}")));
@@ -511,7 +565,8 @@ impl Sandbox {
     pub fn delete(&self, cid: &str, eid: &str) -> Result<(u32, Exit), TaskError> {
         if !eid.is_empty() {
             let mut st = self.lock();
-            let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+            let c =
+                st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
             let p = c.execs.get(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of {cid} not found")))?;
             if p.status == Status::Running || p.status == Status::Paused {
                 return Err(TaskError::FailedPrecondition(format!("exec {eid} is still running")));
@@ -527,7 +582,8 @@ impl Sandbox {
             return Err(TaskError::FailedPrecondition(format!("container {cid} is still running; kill it first")));
         }
         if let Ok(agent) = self.agent() {
-            let req = agent::RemoveContainerRequest { container_id: cid.into(), timeout_ms: 10_000, ..Default::default() };
+            let req =
+                agent::RemoveContainerRequest { container_id: cid.into(), timeout_ms: 10_000, ..Default::default() };
             if let Err(e) = agent.client.remove_container(agent.ctx(), &req) {
                 log::warn!("removing {cid} in the guest: {}", call_error("RemoveContainer", e));
             }
@@ -576,8 +632,17 @@ impl Sandbox {
             return Ok(());
         }
         let agent = self.agent()?;
-        let req = agent::SignalProcessRequest { container_id: cid.into(), exec_id: eid.into(), signal, all, ..Default::default() };
-        agent.client.signal_process(agent.ctx(), &req).map_err(|e| TaskError::NotFound(call_error("SignalProcess", e).to_string()))?;
+        let req = agent::SignalProcessRequest {
+            container_id: cid.into(),
+            exec_id: eid.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        agent
+            .client
+            .signal_process(agent.ctx(), &req)
+            .map_err(|e| TaskError::NotFound(call_error("SignalProcess", e).to_string()))?;
         Ok(())
     }
 
@@ -606,9 +671,15 @@ impl Sandbox {
         }
         self.with_process(cid, "", |p| p.apply(action).map_err(|e| TaskError::FailedPrecondition(e.to_string())))?;
         if pause {
-            self.events.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: cid.into(), ..Default::default() }));
+            self.events.publish(
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                Box::new(TaskPaused { container_id: cid.into(), ..Default::default() }),
+            );
         } else {
-            self.events.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: cid.into(), ..Default::default() }));
+            self.events.publish(
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(TaskResumed { container_id: cid.into(), ..Default::default() }),
+            );
         }
         Ok(())
     }
@@ -631,14 +702,23 @@ impl Sandbox {
         self.with_process(cid, "", |_| Ok(()))?;
         let agent = self.agent()?;
         let req = agent::UpdateContainerRequest { container_id: cid.into(), resources_json, ..Default::default() };
-        agent.client.update_container(agent.ctx(), &req).map_err(|e| TaskError::InvalidArgument(call_error("UpdateContainer", e).to_string()))?;
+        agent
+            .client
+            .update_container(agent.ctx(), &req)
+            .map_err(|e| TaskError::InvalidArgument(call_error("UpdateContainer", e).to_string()))?;
         Ok(())
     }
 
     pub fn resize_pty(&self, cid: &str, eid: &str, width: u32, height: u32) -> Result<(), TaskError> {
         self.with_process(cid, eid, |_| Ok(()))?;
         let agent = self.agent()?;
-        let req = agent::TtyWinResizeRequest { container_id: cid.into(), exec_id: eid.into(), rows: height, cols: width, ..Default::default() };
+        let req = agent::TtyWinResizeRequest {
+            container_id: cid.into(),
+            exec_id: eid.into(),
+            rows: height,
+            cols: width,
+            ..Default::default()
+        };
         agent.client.tty_win_resize(agent.ctx(), &req).map_err(|e| internal(call_error("TtyWinResize", e)))?;
         Ok(())
     }
@@ -701,15 +781,23 @@ fn configure_guest_network(agent: &Agent, net: &PodNetwork) -> Result<(), TaskEr
 
 pub fn timestamp(t: SystemTime) -> protobuf::well_known_types::timestamp::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    protobuf::well_known_types::timestamp::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32, ..Default::default() }
+    protobuf::well_known_types::timestamp::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
 }
 
-/// Removes a sandbox state directory: everything below must already be unmounted
-/// (`ContainerMounts`); anything still mounted is detached first so no file on a
-/// volume is ever deleted through it.
+/// Removes a sandbox state directory: everything below should already be unmounted
+/// (`ContainerMounts`); anything still mounted is unmounted first (found in the mount
+/// table, opened without following a symlink), and the removal never follows a symlink
+/// nor enters a mount, so no file on a volume or elsewhere on the host is ever deleted
+/// through it.
 pub fn remove_state_dir(dir: &Path) {
     crate::cleanup::unmount_below(dir);
-    if let Err(e) = std::fs::remove_dir_all(dir) {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return };
+    let removed = crate::hostfs::Dir::open_trusted(parent).and_then(|p| p.remove_tree(Path::new(name)));
+    if let Err(e) = removed {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("removing {}: {e}", dir.display());
         }

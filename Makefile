@@ -13,7 +13,7 @@ CONFDIR     := /etc/wisp
 # Debian packages the project needs (build, guest kernel, emulated KVM host, tests).
 DEB_PACKAGES := containerd runc containernetworking-plugins busybox-static cpio kmod \
 	protobuf-compiler libseccomp-dev flex bison bc libelf-dev libssl-dev \
-	linux-source-6.12 iproute2 file gzip xz-utils util-linux python3 gcc make
+	linux-source-6.12 iproute2 file gzip xz-utils util-linux python3 gcc libc6-dev make
 
 # relocation-model=static: a plain static executable, not static-pie.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static

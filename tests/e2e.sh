@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # The default set (what `make e2e` and CI run). `cri_net` runs when named
 # (`tests/e2e.sh cri_net`): its ~30 nested VMs with network devices meet the emulated
 # host's nested triple faults too often for CI (see tests/README.md).
-ALL_SUITES=(vmm_boot guest_agent ctr cri)
+ALL_SUITES=(vmm_boot guest_agent ctr hostile cri)
 
 # Adds one "NAME: N passed, N failed, N skipped" line to the totals; a run that exited
 # non-zero without a failed case counts as one failure.

@@ -37,6 +37,31 @@ pub enum MountError {
 /// guest a view of, or a device node on, the host.
 const REFUSED_BIND_SOURCES: [&str; 3] = ["/proc", "/sys", "/dev"];
 
+/// The host path a bind's source resolves to, unless it is one a pod never gets.
+/// Called before the VM starts (`check_bind_sources`) and again when mounting.
+fn checked_source(b: &SharedBind) -> Result<PathBuf, MountError> {
+    let err = |reason: String| MountError::Bind {
+        source_path: b.source.display().to_string(),
+        destination: b.destination.clone(),
+        reason,
+    };
+    let real = std::fs::canonicalize(&b.source).map_err(|e| err(e.to_string()))?;
+    if let Some(r) = REFUSED_BIND_SOURCES.iter().find(|r| real.starts_with(r)) {
+        return Err(err(format!(
+            "{} is below the host's {r}, which a wisp pod never gets (the guest has its own {r}; \
+             sharing the host's would expose host processes, devices or kernel settings to the pod)",
+            real.display()
+        )));
+    }
+    Ok(real)
+}
+
+/// Refuses, before anything is started or mounted, binds whose source is missing or
+/// is below the host's `/proc`, `/sys` or `/dev`.
+pub fn check_bind_sources(binds: &[SharedBind]) -> Result<(), MountError> {
+    binds.iter().try_for_each(|b| checked_source(b).map(drop))
+}
+
 /// The mounts of one container, newest last.
 #[derive(Debug)]
 pub struct ContainerMounts {
@@ -96,14 +121,7 @@ impl ContainerMounts {
                 destination: b.destination.clone(),
                 reason,
             };
-            let real = std::fs::canonicalize(&b.source).map_err(|e| err(e.to_string()))?;
-            if let Some(r) = REFUSED_BIND_SOURCES.iter().find(|r| real.starts_with(r)) {
-                return Err(err(format!(
-                    "{} is below the host's {r}, which a wisp pod never gets (the guest has its own {r}; \
-                     sharing the host's would expose host processes, devices or kernel settings to the pod)",
-                    real.display()
-                )));
-            }
+            let real = checked_source(b)?;
             let meta = std::fs::metadata(&real).map_err(|e| err(e.to_string()))?;
             if meta.is_dir() {
                 self.mkdir(&rel)?;

@@ -315,6 +315,8 @@ impl Sandbox {
             return Err(TaskError::AlreadyExists(format!("container {} already exists", req.id)));
         }
         let spec = BundleSpec::load(&req.bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        crate::mounts::check_bind_sources(&spec.shared_binds())
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let first = self.lock().guest.is_none();
         if first {
             let config = crate::options::sandbox_config(req.config_path.clone(), &spec.annotations())

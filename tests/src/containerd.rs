@@ -215,7 +215,8 @@ oom_score = 0
         Ok(crate::image::BUSYBOX_IMAGE.to_string())
     }
 
-    fn import(&self, namespace: &str, archive: &Path, name: &str) -> anyhow::Result<()> {
+    /// Imports an image archive into `namespace` under `name`.
+    pub fn import(&self, namespace: &str, archive: &Path, name: &str) -> anyhow::Result<()> {
         eprintln!("containerd: importing {name} into namespace {namespace}");
         let args = ["images", "import", &archive.display().to_string()];
         eprintln!("+ ctr -n {namespace} {}", args.join(" "));

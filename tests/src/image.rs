@@ -86,7 +86,40 @@ pub fn build_pause_image(out: &Path) -> anyhow::Result<String> {
 
 /// Writes a busybox image archive tagged `name` whose command is `cmd`.
 pub fn build_image(out: &Path, name: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    build_image_with(out, name, cmd, &[])
+}
+
+/// Compiles, into `dir`, a static program that prints `euid=E uid=U`: as a setuid-root
+/// file in an image it shows whether setuid is honoured (busybox drops setuid for most
+/// applets by itself, so it cannot). Needs gcc and libc6-dev (`make deps`).
+pub fn build_euid_probe(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let src = dir.join("euid.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <unistd.h>\n\
+         int main(void) { printf(\"euid=%d uid=%d\\n\", (int)geteuid(), (int)getuid()); return 0; }\n",
+    )?;
+    let bin = dir.join("euid");
+    let out = std::process::Command::new("gcc").args(["-static", "-Os", "-o"]).arg(&bin).arg(&src).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "gcc -static failed (make deps installs gcc and libc6-dev): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(bin)
+}
+
+/// Like `build_image`, with extra files copied into the rootfs: (path in the image,
+/// host file, mode; setuid and setgid bits are kept, owner root).
+pub fn build_image_with(out: &Path, name: &str, cmd: &[&str], extra: &[(&str, &Path, u32)]) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
     let rootfs = crate::rootfs::busybox_rootfs()?;
+    for (rel, from, mode) in extra {
+        let to = rootfs.path().join(rel);
+        std::fs::copy(from, &to).with_context(|| format!("copying {} into the image", from.display()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(*mode))?;
+    }
     let tar = layer_tar(rootfs.path()).context("packing the busybox layer")?;
     let diff_id = sha256_hex(&tar);
     let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod containerd;
 pub mod cri;
+pub mod ctr;
 pub mod harness;
 pub mod image;
 pub mod pattern;

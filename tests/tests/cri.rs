@@ -671,6 +671,48 @@ fn runc_pod_lifecycle() -> CaseResult {
     e.pass()
 }
 
+/// An image's setuid-root binary works for a non-root user, in a wisp pod as in a runc
+/// pod (Kubernetes' default allowPrivilegeEscalation): the guest mounts the share
+/// without nosuid, while the host's mounts of the same files are nosuid (hostile suite).
+fn image_setuid_binaries_work_as_with_runc() -> CaseResult {
+    skip_unless_wisp_ready!();
+    let e = env()?;
+    let bin = wisp_tests::image::build_euid_probe(e.scratch.path())?;
+    let archive = e.scratch.path().join("suid.tar");
+    let image = "docker.io/library/busybox:wisp-suid";
+    wisp_tests::image::build_image_with(&archive, image, &["sh"], &[("bin/euid", &bin, 0o4755)])?;
+    e.c.import(wisp_tests::containerd::CRI_NAMESPACE, &archive, image)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !e.cri.image_present(image)? {
+        ensure_that!(Instant::now() < deadline, "the CRI plugin does not list {image} after importing it");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for handler in [RUNC, WISP] {
+        let pod = e.pod(&format!("suid-{handler}"))?.build();
+        let sid = e.run_pod(&pod, handler)?;
+        let config = ContainerConfig::new("app", image, &["sleep", "600"])
+            .edit(|c| {
+                c.linux = Some(api::LinuxContainerConfig {
+                    security_context: Some(api::LinuxContainerSecurityContext {
+                        run_as_user: Some(api::Int64Value { value: 1000 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+            })
+            .build();
+        let id = e.start(&sid, &pod, &config)?;
+        let out = e.exec(&id, &["/bin/euid"])?;
+        ensure_that!(
+            out.trim() == "euid=0 uid=1000",
+            "{handler}: the image's setuid-root binary ran as {:?}",
+            out.trim()
+        );
+        e.remove_pod(&sid)?;
+    }
+    e.pass()
+}
+
 fn main() {
     Suite::new("cri")
         .case("pod_runs_in_its_own_vm", pod_runs_in_its_own_vm)
@@ -683,5 +725,6 @@ fn main() {
         .case("refused_annotations_fail_run_pod_sandbox", refused_annotations_fail_run_pod_sandbox)
         .case("pod_network_needs_a_cni_network", pod_network_needs_a_cni_network)
         .case("runc_pod_lifecycle", runc_pod_lifecycle)
+        .case("image_setuid_binaries_work_as_with_runc", image_setuid_binaries_work_as_with_runc)
         .run()
 }

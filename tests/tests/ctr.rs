@@ -5,110 +5,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
+use wisp_tests::containerd::{need_containerd, wisp_config};
+use wisp_tests::ctr::{check, env, env_with, need_artifacts, RUNTIME};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
-use wisp_tests::{ensure_that, need_built, skip_unless};
-
-const RUNTIME: &str = "io.containerd.wisp.v2";
-
-fn need_artifacts() -> Option<String> {
-    need_built(&["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
-}
+use wisp_tests::{ensure_that, skip_unless};
 
 macro_rules! skip_unless_ready {
     () => {
         skip_unless!(need_root(), need_containerd(), need_artifacts(), need_full_kvm())
     };
-}
-
-struct Env {
-    c: Containerd,
-    image: String,
-}
-
-/// Guest consoles go to /run/wisp/<sid>/console.log (shown when a case fails).
-const DEBUG: &str = "[runtime]\ndebug = true\n";
-
-fn env() -> anyhow::Result<Env> {
-    env_with(&wisp_config(DEBUG))
-}
-
-fn env_with(config: &str) -> anyhow::Result<Env> {
-    let c = Containerd::start(config)?;
-    let image = c.import_busybox()?;
-    Ok(Env { c, image })
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Env {
-    /// `ctr run --rm --runtime wisp [flags] IMAGE ID ARGS...`, optional stdin.
-    fn run(&self, id: &str, flags: &[&str], args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Run> {
-        let mut a: Vec<&str> = vec!["run", "--rm", "--runtime", RUNTIME];
-        a.extend_from_slice(flags);
-        // ctr 1.6 always attaches its stdin to the task (there is no -i).
-        a.push(&self.image);
-        a.push(id);
-        a.extend_from_slice(args);
-        let out = self.c.ctr_with(&a, stdin)?;
-        Ok(Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
-    }
-
-    fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.c.ctr_output(args)?;
-        if !out.status.success() {
-            bail!("ctr {args:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.c.diagnostics());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Nothing of wisp left: no VMM process, no sandbox dirs, no mounts under /run/wisp.
-    fn assert_clean(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let vmms = Command::new("pgrep").args(["-x", "wisp-vmm"]).output()?.stdout;
-            let dirs: Vec<_> = std::fs::read_dir("/run/wisp")
-                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-                .unwrap_or_default();
-            let mounts =
-                std::fs::read_to_string("/proc/self/mountinfo")?.lines().filter(|l| l.contains("/run/wisp/")).count();
-            if vmms.is_empty() && dirs.is_empty() && mounts == 0 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "left behind: wisp-vmm pids {:?}, dirs {dirs:?}, {mounts} mounts",
-                    String::from_utf8_lossy(&vmms)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn check(r: &Run, want_code: i32, what: &str) -> anyhow::Result<()> {
-    ensure_that!(
-        r.code == want_code,
-        "{what}: exit {} (want {want_code}); stdout:\n{}\nstderr:\n{}",
-        r.code,
-        tail(&r.stdout),
-        r.stderr
-    );
-    Ok(())
 }
 
 fn guest_kernel_differs_from_host() -> CaseResult {
@@ -267,14 +172,7 @@ fn volumes_and_rootfs_on_the_share() -> CaseResult {
     let memory = "io.wisp.config.hypervisor.memory_mib=1024";
     let run = ["run", "-d", "--runtime", RUNTIME, "--annotation", memory, "--mount", &rw_mount, "--mount", &ro_mount];
     e.ok(&[&run[..], &[e.image.as_str(), "vol", "sleep", "600"]].concat())?;
-    let exec = |id: &str, script: &str| -> anyhow::Result<Run> {
-        let out = e.c.ctr_output(&["task", "exec", "--exec-id", id, "vol", "sh", "-c", script])?;
-        Ok(Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
-    };
+    let exec = |id: &str, script: &str| e.exec("vol", id, script);
     let share_rootfs = std::path::Path::new("/run/wisp/vol/shared/vol/rootfs");
     ensure_that!(
         share_rootfs.join("bin/busybox").exists(),

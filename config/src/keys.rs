@@ -157,6 +157,18 @@ pub static KEYS: &[Key] = &[
         }),
     },
     Key {
+        section: "hypervisor",
+        name: "jail",
+        kind: Kind::Bool,
+        doc: "Confine each pod's wisp-vmm: PID 1 of its own PID namespace, new mount, IPC, \
+              UTS and network namespaces, pivot_root into a jail that holds only its kernel, \
+              initrd, sockets and share, 7 capabilities, no_new_privs. Turn it off only to \
+              debug: the shim then logs a warning for every pod it starts. Never a pod \
+              override.",
+        get: |c| Setting::Bool(c.hypervisor.jail),
+        set: None,
+    },
+    Key {
         section: "agent",
         name: "dial_timeout_ms",
         kind: Kind::Integer {
@@ -212,7 +224,7 @@ pub static KEYS: &[Key] = &[
         name: "debug",
         kind: Kind::Bool,
         doc: "Write the guest serial console to console.log in the sandbox's state \
-              directory (<state_dir>/<sandbox-id>/console.log). When false the console \
+              directory (<state_dir>/<sandbox-id>/vmm/console.log). When false the console \
               device is off.",
         get: |c| Setting::Bool(c.runtime.debug),
         set: Some(|c, s| {

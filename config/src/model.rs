@@ -73,6 +73,8 @@ pub struct HypervisorConfig {
     pub vcpus: u32,
     /// Guest memory per pod VM, in MiB.
     pub memory_mib: u32,
+    /// Confine each wisp-vmm (namespaces, jail, capabilities); off only for debugging.
+    pub jail: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -84,6 +86,7 @@ impl Default for HypervisorConfig {
             kernel_params: String::new(),
             vcpus: 1,
             memory_mib: 256,
+            jail: true,
         }
     }
 }
@@ -138,7 +141,7 @@ impl AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Write the guest console to `<state_dir>/<sandbox-id>/console.log`.
+    /// Write the guest console to `<state_dir>/<sandbox-id>/vmm/console.log`.
     pub debug: bool,
     /// Root of the per-sandbox state directories.
     pub state_dir: PathBuf,

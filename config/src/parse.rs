@@ -179,6 +179,7 @@ mod tests {
             kernel_params = "quiet loglevel=3"
             vcpus = 4
             memory_mib = 2048
+            jail = false
 
             [agent]
             dial_timeout_ms = 20000
@@ -200,6 +201,7 @@ mod tests {
                 kernel_params: "quiet loglevel=3".into(),
                 vcpus: 4,
                 memory_mib: 2048,
+                jail: false,
             },
             agent: AgentConfig {
                 dial_timeout_ms: 20_000,
@@ -288,7 +290,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "inline configuration: unknown key `hypervisor.vcpu`; [hypervisor] allows: \
-             path, kernel, initrd, kernel_params, vcpus, memory_mib"
+             path, kernel, initrd, kernel_params, vcpus, memory_mib, jail"
         );
         let e = err("[runtime]\nenable_debug = true\n");
         assert!(

@@ -213,7 +213,7 @@ mod tests {
         assert!(md.contains("| `hypervisor.kernel` | path | `\"/usr/share/wisp/vmlinux\"` |"));
         assert!(md.contains("| `runtime.enable_annotations` | list of strings | `[]` |"));
         assert!(
-            md.contains("(&lt;state_dir&gt;/&lt;sandbox-id&gt;/console.log)"),
+            md.contains("(&lt;state_dir&gt;/&lt;sandbox-id&gt;/vmm/console.log)"),
             "{md}"
         );
     }

@@ -2,6 +2,7 @@
 //! runtime type `io.containerd.wisp.v2`; it runs each pod in its own micro-VM.
 
 mod agent;
+mod cgroup;
 mod cleanup;
 mod container;
 mod events;
@@ -15,6 +16,7 @@ mod sandbox;
 mod service;
 mod share;
 mod shim;
+mod spawn;
 mod spec;
 mod vm;
 

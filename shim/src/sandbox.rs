@@ -193,7 +193,15 @@ impl Sandbox {
             }
         });
         let devices = b.net.as_ref().map(PodNetwork::vmm_devices).unwrap_or_default();
-        let vm = Arc::new(VmmProcess::start(&config, &paths, &devices, on_exit).map_err(internal)?);
+        if !config.hypervisor.jail {
+            log::warn!(
+                "sandbox {}: hypervisor.jail is off: wisp-vmm runs unconfined, as root in the host's namespaces \
+                 (for debugging only)",
+                self.id
+            );
+        }
+        let cgroups_path = spec.json.pointer("/linux/cgroupsPath").and_then(serde_json::Value::as_str);
+        let vm = Arc::new(VmmProcess::start(&config, &paths, &devices, cgroups_path, on_exit).map_err(internal)?);
         drop(devices);
         b.vm = Some(vm.clone());
         let a = &config.agent;

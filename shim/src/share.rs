@@ -47,6 +47,11 @@ impl Share {
         hostfs::bind_fd(skel.as_fd(), target.as_fd(), attrs, false)
             .map_err(|e| io::Error::new(e.kind(), format!("making the share's read-only view: {e}")))?;
         let view = sandbox.open_mounted_dir(Path::new(VIEW))?;
+        // A peer group of its own, so that a jailed wisp-vmm, whose mount namespace
+        // holds a slave copy of the view, sees the containers' mounts made here later
+        // (and nothing it does reaches back).
+        nix::mount::mount(None::<&str>, &hostfs::fd_path(view.as_fd()), None::<&str>, nix::mount::MsFlags::MS_SHARED, None::<&str>)
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("making the share's view a shared mount: {e}")))?;
         Ok(Share { skel, view })
     }
 }

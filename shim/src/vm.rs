@@ -2,17 +2,20 @@
 //! thread (its death is how the shim learns the VM is gone), its stderr forwarded to
 //! the shim log, and stopped through its control API with a kill as the last resort.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use wisp_config::Config;
 use wisp_protocols::vmm::ShutdownRequest;
 use wisp_protocols::vmm_ttrpc::VmmClient;
+
+use crate::cgroup::{VmmCgroup, CGROUP_ROOT};
+use crate::spawn::SpawnSpec;
 
 /// Guest vsock CID (the VMM's device is per VM, so every VM can use the same one).
 const GUEST_CID: u32 = 3;
@@ -26,6 +29,8 @@ pub enum VmError {
     NetFd { fd: RawFd, source: std::io::Error },
     #[error("control API of the VMM: {0}")]
     Api(String),
+    #[error("placing the VMM in the pod's cgroup: {0}")]
+    Cgroup(String),
 }
 
 /// Files of one sandbox under the state directory.
@@ -38,17 +43,28 @@ impl SandboxPaths {
     pub fn new(state_dir: &Path, sandbox_id: &str) -> Self {
         Self { dir: state_dir.join(sandbox_id) }
     }
+    /// The VMM's own directory (its sockets and console log): the one directory of the
+    /// sandbox it may write to by path, bound into its jail.
+    pub fn vmm_dir(&self) -> PathBuf {
+        self.dir.join("vmm")
+    }
     pub fn vsock(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.vmm_dir().join("vsock.sock")
     }
     pub fn api(&self) -> PathBuf {
-        self.dir.join("api.sock")
+        self.vmm_dir().join("api.sock")
     }
+    /// The guest's read-only view of the share (`share.rs`).
     pub fn shared(&self) -> PathBuf {
-        self.dir.join("shared")
+        self.dir.join(crate::share::VIEW)
     }
     pub fn console(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.vmm_dir().join("console.log")
+    }
+    /// Where the VMM mounts its jail's tmpfs (in its own mount namespace: from the host
+    /// this stays an empty directory).
+    pub fn jail(&self) -> PathBuf {
+        self.dir.join("jail")
     }
     pub fn vmm_pid(&self) -> PathBuf {
         self.dir.join("vmm.pid")
@@ -104,62 +120,124 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts wisp-vmm with a virtio-net device per tap in `net`; `on_exit` runs on the
-    /// watcher thread when the process ends.
+    /// Starts wisp-vmm with a virtio-net device per tap in `net`, jailed (PID 1 of a new
+    /// PID namespace, `--jail`) unless the config turns that off, in the cgroup
+    /// `cgroups_path` names if given; `on_exit` runs on the watcher thread when the
+    /// process ends.
     pub fn start(
         config: &Config,
         paths: &SandboxPaths,
         net: &[NetDevice<'_>],
+        cgroups_path: Option<&str>,
         on_exit: Box<dyn FnOnce(String) + Send>,
     ) -> Result<Self, VmError> {
         let h = &config.hypervisor;
-        let mut cmd = Command::new(&h.path);
-        cmd.arg("--kernel").arg(&h.kernel);
-        cmd.arg("--initrd").arg(&h.initrd);
-        cmd.arg("--vcpus").arg(h.vcpus.to_string());
-        cmd.arg("--memory-mib").arg(h.memory_mib.to_string());
-        cmd.arg("--vsock-uds").arg(paths.vsock());
-        cmd.arg("--vsock-cid").arg(GUEST_CID.to_string());
-        cmd.arg("--api-sock").arg(paths.api());
-        cmd.arg("--shared-dir").arg(format!("wisp={}", paths.shared().display()));
+        let mut args: Vec<OsString> = Vec::new();
+        let mut arg = |a: &str, v: &dyn AsRef<std::ffi::OsStr>| {
+            args.push(a.into());
+            args.push(v.as_ref().to_owned());
+        };
+        arg("--kernel", &h.kernel);
+        arg("--initrd", &h.initrd);
+        arg("--vcpus", &h.vcpus.to_string());
+        arg("--memory-mib", &h.memory_mib.to_string());
+        arg("--vsock-uds", &paths.vsock());
+        arg("--vsock-cid", &GUEST_CID.to_string());
+        arg("--api-sock", &paths.api());
+        arg("--shared-dir", &format!("wisp={}", paths.shared().display()));
         if config.runtime.debug {
-            cmd.arg("--console").arg(paths.console());
-            cmd.arg("--log-level").arg("info");
+            arg("--console", &paths.console());
+            arg("--log-level", &"info");
         }
-        if !h.kernel_params.is_empty() {
-            cmd.arg(format!("--cmdline={}", h.kernel_params));
+        let mkdir = |p: PathBuf| {
+            std::fs::DirBuilder::new().mode(0o700).create(&p).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(VmError::Spawn { path: p.display().to_string(), source: e })
+                }
+            })
+        };
+        mkdir(paths.vmm_dir())?;
+        if h.jail {
+            mkdir(paths.jail())?;
+            arg("--jail", &paths.jail());
         }
         let taps = inheritable_taps(net)?;
         for (tap, n) in taps.iter().zip(net) {
-            cmd.arg("--net").arg(net_arg(tap.as_raw_fd(), &n.mac, n.mtu));
+            arg("--net", &net_arg(tap.as_raw_fd(), &n.mac, n.mtu));
         }
-        if !taps.is_empty() {
-            let fds: Vec<RawFd> = taps.iter().map(|t| t.as_raw_fd()).collect();
-            // SAFETY: runs in the forked child before exec: only fcntl(2) (async-signal-
-            // safe) on fds that are open there, no allocation (the Vec was built before).
-            unsafe {
-                cmd.pre_exec(move || {
-                    for &fd in &fds {
-                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
+        if !h.kernel_params.is_empty() {
+            args.push(format!("--cmdline={}", h.kernel_params).into());
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let spawned = cmd.spawn();
-        // The child has its copies now (or failed); the parent's go.
-        drop(taps);
-        let mut child: Child =
-            spawned.map_err(|source| VmError::Spawn { path: h.path.display().to_string(), source })?;
-        let pid = child.id();
-        let _ = std::fs::write(paths.vmm_pid(), pid.to_string());
+        let spawn_err = |source: std::io::Error| VmError::Spawn { path: h.path.display().to_string(), source };
+        let mut spec = SpawnSpec::new(&h.path, &args).map_err(spawn_err)?;
+        spec.keep_fds = taps.iter().map(|t| t.as_raw_fd()).collect();
+        spec.new_pid_ns = h.jail;
+        let cgroup = match cgroups_path.filter(|p| !p.is_empty()) {
+            Some(p) => VmmCgroup::create(Path::new(CGROUP_ROOT), p).map_err(|e| VmError::Cgroup(e.to_string()))?,
+            None => None,
+        };
+        if let Some(cg) = &cgroup {
+            spec.cgroup_procs = Some(cg.procs().map_err(|e| VmError::Cgroup(e.to_string()))?);
+        }
         let exit = Arc::new((Mutex::new(ExitState::default()), Condvar::new()));
 
-        if let Some(stderr) = child.stderr.take() {
+        // The watcher thread starts the VMM (its parent-death signal follows the thread
+        // that cloned it, so that thread must live as long as the VMM), reports the
+        // spawn, then waits for the VMM's end.
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::sync_channel(1);
+        {
             let exit = exit.clone();
+            std::thread::Builder::new()
+                .name("vmm-watch".into())
+                .spawn(move || {
+                    let spawned = spec.spawn();
+                    // The child has its copies of the taps now (or failed); ours go.
+                    drop(taps);
+                    let pid = match spawned {
+                        Ok(s) => {
+                            let pid = s.pid;
+                            let _ = spawned_tx.send(Ok(s));
+                            pid
+                        }
+                        Err(e) => {
+                            let _ = spawned_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let status = match crate::spawn::wait(pid) {
+                        Ok(s) => s.to_string(),
+                        Err(e) => format!("wait failed: {e}"),
+                    };
+                    // The VMM is gone: its cgroup is empty and can go.
+                    drop(cgroup);
+                    // Give the stderr reader a moment to collect the last words.
+                    std::thread::sleep(Duration::from_millis(50));
+                    let reason = {
+                        let (lock, cv) = &*exit;
+                        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        let reason = match st.stderr_tail.last() {
+                            Some(last) => format!("wisp-vmm {status}: {last}"),
+                            None => format!("wisp-vmm {status}"),
+                        };
+                        st.status = Some(reason.clone());
+                        cv.notify_all();
+                        reason
+                    };
+                    on_exit(reason);
+                })
+                .map_err(spawn_err)?;
+        }
+        let spawned = spawned_rx
+            .recv()
+            .map_err(|_| spawn_err(std::io::Error::other("the VMM watcher thread ended before spawning")))?
+            .map_err(spawn_err)?;
+        let pid = spawned.pid as u32;
+        let _ = std::fs::write(paths.vmm_pid(), pid.to_string());
+        {
+            let exit = exit.clone();
+            let stderr = spawned.stderr;
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     log::info!("wisp-vmm[{pid}]: {line}");
@@ -169,29 +247,6 @@ impl VmmProcess {
                     }
                     st.stderr_tail.push(line);
                 }
-            });
-        }
-        {
-            let exit = exit.clone();
-            std::thread::spawn(move || {
-                let status = match child.wait() {
-                    Ok(s) => s.to_string(),
-                    Err(e) => format!("wait failed: {e}"),
-                };
-                // Give the stderr reader a moment to collect the last words.
-                std::thread::sleep(Duration::from_millis(50));
-                let reason = {
-                    let (lock, cv) = &*exit;
-                    let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    let reason = match st.stderr_tail.last() {
-                        Some(last) => format!("wisp-vmm {status}: {last}"),
-                        None => format!("wisp-vmm {status}"),
-                    };
-                    st.status = Some(reason.clone());
-                    cv.notify_all();
-                    reason
-                };
-                on_exit(reason);
             });
         }
         Ok(Self { pid, paths: paths.clone(), exit })
@@ -283,6 +338,8 @@ mod tests {
         let tap_b = std::fs::File::create(dir.path().join("tap-b")).unwrap();
         let mut config = Config::default();
         config.hypervisor.path = script;
+        // Not jailed: this runs as any user (a PID namespace needs root).
+        config.hypervisor.jail = false;
         let paths = SandboxPaths::new(dir.path(), "sb");
         std::fs::create_dir_all(&paths.dir).unwrap();
         let net = [
@@ -292,7 +349,7 @@ mod tests {
         let mut tries = 0;
         let vm = loop {
             // A fork in another test thread can hold the script open for writing a moment.
-            match VmmProcess::start(&config, &paths, &net, Box::new(|_| {})) {
+            match VmmProcess::start(&config, &paths, &net, None, Box::new(|_| {})) {
                 Err(VmError::Spawn { source, .. }) if source.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(20));

@@ -182,7 +182,7 @@ oom_score = 0
         let mut out =
             format!("--- containerd log (last 60 lines) ---\n{}\n", lines[lines.len().saturating_sub(60)..].join("\n"));
         for e in std::fs::read_dir("/run/wisp").into_iter().flatten().flatten() {
-            if let Ok(c) = std::fs::read_to_string(e.path().join("console.log")) {
+            if let Ok(c) = std::fs::read_to_string(e.path().join("vmm/console.log")) {
                 let l: Vec<&str> = c.lines().collect();
                 out += &format!(
                     "--- guest console {} (last 30 lines) ---\n{}\n",

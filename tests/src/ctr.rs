@@ -12,7 +12,7 @@ use crate::containerd::{wisp_config, Containerd};
 
 pub const RUNTIME: &str = "io.containerd.wisp.v2";
 
-/// Guest consoles go to /run/wisp/<sid>/console.log (shown when a case fails).
+/// Guest consoles go to /run/wisp/<sid>/vmm/console.log (shown when a case fails).
 pub const DEBUG: &str = "[runtime]\ndebug = true\n";
 
 /// Why a ctr suite cannot run here for want of built artifacts, if it cannot.

@@ -33,7 +33,7 @@ use wisp_tests::{artifact, ensure_that, need_built, skip_unless};
 const WISP: &str = "wisp";
 const RUNC: &str = "runc";
 /// wisp's state directory (the default; the test config does not change it).
-/// Guest consoles go to /run/wisp/<sid>/console.log; the shim logs their tail when a VM ends.
+/// Guest consoles go to /run/wisp/<sid>/vmm/console.log; the shim logs their tail when a VM ends.
 const DEBUG: &str = "[runtime]\ndebug = true\n";
 /// How long teardown may take to finish after the CRI call returned, under TCG.
 const SETTLE: Duration = Duration::from_secs(120);

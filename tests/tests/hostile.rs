@@ -283,6 +283,74 @@ fn host_kernel_trees_are_not_shared() -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// `/proc/<pid>/status` field `name`, trimmed.
+fn status_field(pid: u32, name: &str) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("").trim().to_string())
+}
+
+/// The VMM of a running pod is confined as the isolation issue asks: PID 1 of its own
+/// PID namespace, its own mount, IPC, UTS and network namespaces, its root the jail
+/// (the host's files gone, the share, sockets and /dev/kvm there), the 7 capabilities
+/// `wisp_vmm::jail::KEPT_CAPS` names (also the bounding set), no_new_privs, in the
+/// sandbox's cgroup, which goes with the pod.
+fn the_vmm_is_jailed() -> CaseResult {
+    skip_unless_ready!();
+    let e = env()?;
+    e.ok(&["run", "-d", "--runtime", RUNTIME, &e.image, "jailed", "sleep", "600"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let vmms = wisp_tests::procs::vmm_pids("jailed");
+        ensure_that!(vmms.len() == 1, "wisp-vmm processes of the pod: {vmms:?}");
+        let pid = vmms[0];
+        let want_caps = format!("{:016x}", wisp_vmm::jail::kept_caps_mask());
+        for field in ["CapEff", "CapPrm", "CapBnd"] {
+            let v = status_field(pid, field)?;
+            ensure_that!(v == want_caps, "{field} of wisp-vmm is {v}, want {want_caps}");
+        }
+        for (field, want) in [("CapInh", "0000000000000000"), ("CapAmb", "0000000000000000"), ("NoNewPrivs", "1")] {
+            let v = status_field(pid, field)?;
+            ensure_that!(v == want, "{field} of wisp-vmm is {v}, want {want}");
+        }
+        let nspid = status_field(pid, "NSpid")?;
+        ensure_that!(
+            nspid.split_whitespace().last() == Some("1"),
+            "wisp-vmm is not PID 1 of its own namespace: NSpid {nspid}"
+        );
+        for ns in ["pid", "mnt", "net", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"))?;
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"))?;
+            ensure_that!(theirs != ours, "wisp-vmm shares the host's {ns} namespace ({theirs:?})");
+        }
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        for gone in ["etc/passwd", "usr/bin", "run/containerd", "run/wisp/jailed/skel"] {
+            ensure_that!(!root.join(gone).exists(), "/{gone} is visible in wisp-vmm's root");
+        }
+        for there in ["dev/kvm", "run/wisp/jailed/shared/jailed/rootfs/bin/busybox", "run/wisp/jailed/vmm/vsock.sock"] {
+            ensure_that!(root.join(there).exists(), "/{there} is missing from wisp-vmm's root");
+        }
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        let bundle = e.c.dir.path().join("state/io.containerd.runtime.v2.task/wisp-test/jailed/config.json");
+        let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
+        let path = spec.pointer("/linux/cgroupsPath").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        ensure_that!(!path.is_empty(), "the sandbox's spec has no linux.cgroupsPath");
+        ensure_that!(
+            cgroup.trim() == format!("0::{path}"),
+            "wisp-vmm's cgroup is {:?}, want the sandbox's {path}",
+            cgroup.trim()
+        );
+        e.kill_and_delete("jailed")?;
+        let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        ensure_that!(!dir.exists(), "the VMM's cgroup {} is left after the pod", dir.display());
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = e.kill_and_delete("jailed");
+    }
+    result?;
+    e.assert_clean()?;
+    Ok(Outcome::Passed)
+}
+
 fn main() {
     Suite::new("hostile")
         .case("teardown_follows_nothing_the_guest_planted", teardown_follows_nothing_the_guest_planted)
@@ -291,5 +359,6 @@ fn main() {
             guest_files_and_volumes_are_out_of_host_users_reach,
         )
         .case("host_kernel_trees_are_not_shared", host_kernel_trees_are_not_shared)
+        .case("the_vmm_is_jailed", the_vmm_is_jailed)
         .run()
 }

@@ -31,6 +31,7 @@ pub struct Args {
     pub no_rng: bool,
     pub api_sock: Option<PathBuf>,
     pub log_level: Option<String>,
+    pub jail: Option<PathBuf>,
 }
 
 impl Args {
@@ -51,6 +52,7 @@ impl Args {
             no_rng: false,
             api_sock: None,
             log_level: None,
+            jail: None,
         }
     }
 }
@@ -99,6 +101,14 @@ const OPTIONS: &[Opt] = &[
     ),
     flag("no-rng", "No virtio-rng entropy device."),
     opt("api-sock", "PATH", "Control API socket (ttrpc): state, pause, resume, shutdown, boot timeline."),
+    opt(
+        "jail",
+        "DIR",
+        "Confine the VMM before it opens anything: new mount, IPC, UTS and network namespaces, pivot_root into \
+         a tmpfs at DIR (an empty directory) that holds only the paths the other options name, 7 capabilities, \
+         no_new_privs. Needs root; start it as PID 1 of a new PID namespace (the shim does; by hand: unshare \
+         --pid --fork). Taps must then be passed as fd=N.",
+    ),
     opt("log-level", "LEVEL", "error, warn (default), info, debug or trace (also WISP_LOG)."),
     flag("help", "Print this help (also -h)."),
     flag("version", "Print the version (also -V)."),
@@ -178,6 +188,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             ("net", Some(v)) => a.nets.push(text(v)?),
             ("api-sock", Some(v)) => a.api_sock = Some(v.into()),
             ("log-level", Some(v)) => a.log_level = Some(text(v)?),
+            ("jail", Some(v)) => a.jail = Some(v.into()),
             (other, _) => return Err(format!("--{other}: not handled (a bug in wisp-vmm's option table)")),
         }
     }

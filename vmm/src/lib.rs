@@ -11,6 +11,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod jail;
 pub mod logger;
 pub mod vstate;
 

@@ -11,6 +11,7 @@ use cli::Args;
 use wisp_vmm::builder::{CacheMode, NetBackend, NetConfig, SharedDirConfig};
 use wisp_vmm::devices::virtio::fs::{validate_tag, MAX_REQUEST_QUEUES};
 use wisp_vmm::devices::virtio::net::{valid_ifname, MacAddr, MAX_IFNAME_LEN, MIN_MTU};
+use wisp_vmm::jail::{Bind, BindKind, JailConfig};
 use wisp_vmm::{ConsoleOutput, DiskConfig, MicroVm, VmConfig, VmExit, VsockConfig};
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -163,6 +164,51 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     })
 }
 
+/// The jail for `--jail DIR`: every path the VM's configuration names, bound at its
+/// own path, and /dev/kvm.
+fn jail_from(root: &std::path::Path, config: &VmConfig, args: &Args) -> Result<JailConfig, String> {
+    use std::path::Path;
+    let mut binds: Vec<Bind> = Vec::new();
+    let mut add = |path: &Path, kind: BindKind| {
+        if !binds.iter().any(|b| b.path == path) {
+            binds.push(Bind { path: path.to_path_buf(), kind });
+        }
+    };
+    add(Path::new("/dev/kvm"), BindKind::Device);
+    add(&config.kernel, BindKind::FileRo);
+    if let Some(i) = &config.initrd {
+        add(i, BindKind::FileRo);
+    }
+    for d in &config.disks {
+        add(&d.path, BindKind::Disk { ro: d.read_only });
+    }
+    for s in &config.shared_dirs {
+        add(&s.path, BindKind::Share { ro: s.read_only });
+    }
+    let parent = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut sockets: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(v) = &config.vsock {
+        sockets.push(parent(&v.uds_path));
+    }
+    if let Some(a) = &args.api_sock {
+        sockets.push(parent(a));
+    }
+    if let ConsoleOutput::File(f) = &config.console {
+        sockets.push(parent(f));
+    }
+    for s in sockets {
+        add(&s, BindKind::SocketDir);
+    }
+    if config.nets.iter().any(|n| matches!(n.backend, NetBackend::Name(_))) {
+        return Err(
+            "--jail: a tap must be passed as --net fd=N (the jailed VMM has a network namespace of its own)".into()
+        );
+    }
+    let jail = JailConfig { root: root.to_path_buf(), binds };
+    jail.validate().map_err(|e| e.to_string())?;
+    Ok(jail)
+}
+
 /// SIGTERM, SIGINT and SIGHUP end the VM cleanly: they are blocked in every thread and
 /// collected by one thread with sigwait.
 fn forward_stop_signals(exits: std::sync::mpsc::Sender<VmExit>) -> std::io::Result<()> {
@@ -218,6 +264,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The jail first: before a thread starts and before anything of the VM is opened.
+    if let Some(root) = &args.jail {
+        let entered = jail_from(root, &config, &args).and_then(|j| j.enter().map_err(|e| e.to_string()));
+        if let Err(e) = entered.and_then(|()| wisp_vmm::jail::harden().map_err(|e| e.to_string())) {
+            eprintln!("wisp-vmm: {e}");
+            return ExitCode::from(1);
+        }
+        log::info!("jailed in {}", root.display());
+    }
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<VmExit>();
     if let Err(e) = forward_stop_signals(stop_tx) {
         eprintln!("wisp-vmm: cannot set up signal handling: {e}");
@@ -272,6 +327,40 @@ fn cleanup(config: &VmConfig, args: &Args) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jail_binds_what_the_options_name_and_refuses_named_taps() {
+        let d = tempfile::tempdir().unwrap();
+        let (jail, share) = (d.path().join("jail"), d.path().join("shared"));
+        std::fs::create_dir(&jail).unwrap();
+        std::fs::create_dir(&share).unwrap();
+        let mut args = Args::new("/boot/vmlinux");
+        args.initrd = Some("/boot/initrd.img".into());
+        args.vsock_uds = Some("/run/w/vmm/vsock.sock".into());
+        args.api_sock = Some("/run/w/vmm/api.sock".into());
+        args.console = "/run/w/vmm/console.log".into();
+        args.shared_dirs = vec![format!("wisp={}", share.display())];
+        let config = config_from(&args).unwrap();
+        let j = jail_from(&jail, &config, &args).unwrap();
+        let binds: Vec<(String, BindKind)> = j.binds.iter().map(|b| (b.path.display().to_string(), b.kind)).collect();
+        assert_eq!(
+            binds,
+            vec![
+                ("/dev/kvm".into(), BindKind::Device),
+                ("/boot/vmlinux".into(), BindKind::FileRo),
+                ("/boot/initrd.img".into(), BindKind::FileRo),
+                (share.display().to_string(), BindKind::Share { ro: false }),
+                ("/run/w/vmm".into(), BindKind::SocketDir),
+            ]
+        );
+        args.nets = vec!["tap=tap0,mac=02:00:00:00:00:01".into()];
+        let e = jail_from(&jail, &config_from(&args).unwrap(), &args).unwrap_err();
+        assert!(e.contains("fd=N"), "{e}");
+        args.nets.clear();
+        args.vsock_uds = Some("relative.sock".into());
+        let e = jail_from(&jail, &config_from(&args).unwrap(), &args).unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+    }
 
     #[test]
     fn disk_option_parsing() {

@@ -86,9 +86,10 @@ impl Agent {
 
 /// An agent call's error, for messages: ttrpc status text is the agent's message.
 pub fn call_error(call: &'static str, e: ttrpc::Error) -> AgentError {
+    // The agent's words are the guest's: capped, no control characters.
     let reason = match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-        other => other.to_string(),
+        ttrpc::Error::RpcStatus(s) => crate::bounds::guest_text(s.message(), crate::bounds::MAX_GUEST_ERROR, false),
+        other => crate::bounds::guest_text(&other.to_string(), crate::bounds::MAX_GUEST_ERROR, false),
     };
     AgentError::Call { call, reason }
 }

@@ -2,6 +2,7 @@
 //! runtime type `io.containerd.wisp.v2`; it runs each pod in its own micro-VM.
 
 mod agent;
+mod bounds;
 mod cgroup;
 mod cleanup;
 mod container;

@@ -75,6 +75,11 @@ pub const START_FAILED_STATUS: u32 = 126;
 
 /// How much of the guest console an unexpected VM end copies into the shim's log.
 const CONSOLE_TAIL_LINES: usize = 40;
+/// Of which at most this many bytes (read from the file's end).
+const CONSOLE_TAIL_BYTES: u64 = 16 << 10;
+/// OOM events passed on per second, and in a burst.
+const OOM_EVENTS_PER_SEC: u32 = 10;
+const OOM_EVENTS_BURST: u32 = 20;
 
 /// What `boot` has set up so far. Dropped before `finish`, it undoes all of it: stops
 /// the VMM, then tears the pod network down, then removes the state directory.
@@ -235,19 +240,33 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Passes the guest's OOM events on to containerd: only for this sandbox's own
+    /// containers, and at most `OOM_EVENTS_PER_SEC` (burst `OOM_EVENTS_BURST`), so a
+    /// hostile agent cannot flood containerd with events or name other pods' containers.
     fn watch_oom(&self, agent: Arc<Agent>) {
         let me = self.me.clone();
-        std::thread::spawn(move || loop {
-            match agent.client.get_oom_event(agent.long_poll_ctx(), &agent::Empty::new()) {
-                Ok(ev) => {
-                    let Some(sb) = me.upgrade() else { return };
-                    log::info!("OOM kill in container {}", ev.container_id);
-                    sb.events.publish(
-                        topics::TASK_OOM_EVENT_TOPIC,
-                        Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }),
-                    );
+        std::thread::spawn(move || {
+            let mut limit = crate::bounds::RateLimit::new(OOM_EVENTS_PER_SEC, OOM_EVENTS_BURST);
+            loop {
+                let Ok(ev) = agent.client.get_oom_event(agent.long_poll_ctx(), &agent::Empty::new()) else { return };
+                let Some(sb) = me.upgrade() else { return };
+                let known = sb.lock().containers.contains_key(&ev.container_id);
+                if !known {
+                    let id = crate::bounds::guest_text(&ev.container_id, 128, false);
+                    log::warn!("sandbox {}: the guest reported an OOM kill in {id:?}, not a container of this pod: ignored", sb.id);
+                    continue;
                 }
-                Err(_) => return,
+                if !limit.allow() {
+                    if limit.dropped.is_power_of_two() {
+                        log::warn!("sandbox {}: {} OOM events over the rate limit dropped", sb.id, limit.dropped);
+                    }
+                    continue;
+                }
+                log::info!("OOM kill in container {}", ev.container_id);
+                sb.events.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }),
+                );
             }
         });
     }
@@ -761,8 +780,16 @@ impl Sandbox {
 }
 
 /// The end of the guest console log (written only with `debug` on).
+/// The guest console's last lines (the guest's text: read from the end of the file
+/// only, control characters replaced).
 fn console_tail(paths: &SandboxPaths) -> Option<String> {
-    let text = std::fs::read_to_string(paths.console()).ok()?;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(paths.console()).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES))).ok()?;
+    let mut bytes = Vec::new();
+    f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut bytes).ok()?;
+    let text = crate::bounds::guest_text(&String::from_utf8_lossy(&bytes), CONSOLE_TAIL_BYTES as usize * 3, true);
     let lines: Vec<&str> = text.lines().collect();
     Some(lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n"))
 }

@@ -166,6 +166,10 @@ impl DeviceSetup<'_> {
     }
 }
 
+/// The most a guest may write to a console file (`--console PATH`): the file is on the
+/// host (the shim's is in its tmpfs state directory), the output is the guest's.
+pub const CONSOLE_FILE_LIMIT: u64 = 16 << 20;
+
 impl MicroVm {
     /// Creates and starts the VM. `start` is when the process started, for the boot
     /// timeline.
@@ -310,7 +314,8 @@ impl MicroVm {
         let dev_err = |device: &str, reason: String| StartError::Device { device: device.into(), reason };
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| dev_err("serial", e.to_string()))?;
         vm.fd.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(|e| dev_err("serial", e.to_string()))?;
-        let console = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+        let limit = matches!(config.console, ConsoleOutput::File(_)).then_some(CONSOLE_FILE_LIMIT);
+        let console = Arc::new(Mutex::new(SerialConsole::new(irq, out, limit)));
         let serial: Arc<Mutex<dyn BusDevice>> = console.clone();
         pio.insert(serial, u64::from(layout::SERIAL_PORT), 8).map_err(|e| dev_err("serial", e.to_string()))?;
 

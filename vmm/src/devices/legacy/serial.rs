@@ -24,8 +24,12 @@ pub struct SerialConsole {
 }
 
 impl SerialConsole {
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(IrqTrigger(irq), ConsoleWriter::new(out)) }
+    /// `limit`: the most bytes written to `out` (a console file: the guest must not
+    /// fill the host's disk through it); past it the output ends with one notice line.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>, limit: Option<u64>) -> Self {
+        let mut w = ConsoleWriter::new(out);
+        w.limit = limit;
+        Self { uart: Serial::new(IrqTrigger(irq), w) }
     }
 
     /// Writes out a last line that has no newline yet (the VM ended, or a test looks).
@@ -46,16 +50,35 @@ const MAX_PENDING: usize = 4096;
 pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
     pending: Vec<u8>,
+    limit: Option<u64>,
+    written: u64,
 }
+
+/// The line a capped console ends with.
+pub const TRUNCATED_NOTICE: &[u8] = b"\n[wisp-vmm: console output limit reached; the rest of the guest's output is dropped]\n";
 
 impl ConsoleWriter {
     fn new(out: Box<dyn Write + Send>) -> Self {
-        Self { out, pending: Vec::with_capacity(256) }
+        Self { out, pending: Vec::with_capacity(256), limit: None, written: 0 }
     }
 
     fn write_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
+        }
+        if let Some(limit) = self.limit {
+            if self.written >= limit {
+                self.pending.clear();
+                return Ok(());
+            }
+            let room = (limit - self.written) as usize;
+            if self.pending.len() > room {
+                self.pending.truncate(room);
+                self.pending.extend_from_slice(TRUNCATED_NOTICE);
+                self.written = limit;
+            } else {
+                self.written += self.pending.len() as u64;
+            }
         }
         let result = self.out.write_all(&self.pending).and_then(|()| self.out.flush());
         // A failed write loses the line, never blocks the guest on it later.
@@ -127,6 +150,18 @@ mod tests {
             w.write_all(&[*b]).unwrap();
             w.flush().unwrap();
         }
+    }
+
+    #[test]
+    fn a_capped_console_stops_at_its_limit_with_a_notice() {
+        let calls = Calls::default();
+        let mut w = ConsoleWriter::new(Box::new(calls.clone()));
+        w.limit = Some(10);
+        byte_by_byte(&mut w, b"12345\n67890abc\nmore\nand more\n");
+        let all: Vec<u8> = calls.0.lock().unwrap().concat();
+        let mut want = b"12345\n6789".to_vec();
+        want.extend_from_slice(TRUNCATED_NOTICE);
+        assert_eq!(all, want);
     }
 
     #[test]

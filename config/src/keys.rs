@@ -169,6 +169,17 @@ pub static KEYS: &[Key] = &[
         set: None,
     },
     Key {
+        section: "hypervisor",
+        name: "seccomp",
+        kind: Kind::Bool,
+        doc: "Give each wisp-vmm thread its own seccomp allow-list (vCPU, device and \
+              control threads); a call outside it kills the VMM and the pod's tasks \
+              exit. Turn it off only to debug: the shim then logs a warning for every pod \
+              it starts. Never a pod override.",
+        get: |c| Setting::Bool(c.hypervisor.seccomp),
+        set: None,
+    },
+    Key {
         section: "agent",
         name: "dial_timeout_ms",
         kind: Kind::Integer {

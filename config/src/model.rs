@@ -75,6 +75,8 @@ pub struct HypervisorConfig {
     pub memory_mib: u32,
     /// Confine each wisp-vmm (namespaces, jail, capabilities); off only for debugging.
     pub jail: bool,
+    /// Per-thread seccomp filters in each wisp-vmm; off only for debugging.
+    pub seccomp: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -87,6 +89,7 @@ impl Default for HypervisorConfig {
             vcpus: 1,
             memory_mib: 256,
             jail: true,
+            seccomp: true,
         }
     }
 }

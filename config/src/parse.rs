@@ -180,6 +180,7 @@ mod tests {
             vcpus = 4
             memory_mib = 2048
             jail = false
+            seccomp = false
 
             [agent]
             dial_timeout_ms = 20000
@@ -202,6 +203,7 @@ mod tests {
                 vcpus: 4,
                 memory_mib: 2048,
                 jail: false,
+                seccomp: false,
             },
             agent: AgentConfig {
                 dial_timeout_ms: 20_000,
@@ -290,7 +292,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "inline configuration: unknown key `hypervisor.vcpu`; [hypervisor] allows: \
-             path, kernel, initrd, kernel_params, vcpus, memory_mib, jail"
+             path, kernel, initrd, kernel_params, vcpus, memory_mib, jail, seccomp"
         );
         let e = err("[runtime]\nenable_debug = true\n");
         assert!(

@@ -39,7 +39,10 @@ impl Agent {
         let mut last = String::from("no attempt made");
         while start.elapsed() < deadline {
             if let Some(why) = vm_gone() {
-                return Err(AgentError::Unreachable { waited: start.elapsed(), reason: format!("the VM ended: {why}") });
+                return Err(AgentError::Unreachable {
+                    waited: start.elapsed(),
+                    reason: format!("the VM ended: {why}"),
+                });
             }
             let left = deadline.saturating_sub(start.elapsed());
             match hybrid_vsock::connect(vsock, AGENT_TTRPC_PORT, attempt.min(left)) {

@@ -36,7 +36,13 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub fn new(per_sec: u32, burst: u32) -> Self {
-        Self { per_sec: f64::from(per_sec), burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now(), dropped: 0 }
+        Self {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: Instant::now(),
+            dropped: 0,
+        }
     }
 
     /// True if an event may go now.

@@ -198,6 +198,12 @@ impl Sandbox {
             }
         });
         let devices = b.net.as_ref().map(PodNetwork::vmm_devices).unwrap_or_default();
+        if !config.hypervisor.seccomp {
+            log::warn!(
+                "sandbox {}: hypervisor.seccomp is off: wisp-vmm's threads have no seccomp filter (for debugging only)",
+                self.id
+            );
+        }
         if !config.hypervisor.jail {
             log::warn!(
                 "sandbox {}: hypervisor.jail is off: wisp-vmm runs unconfined, as root in the host's namespaces \
@@ -253,7 +259,10 @@ impl Sandbox {
                 let known = sb.lock().containers.contains_key(&ev.container_id);
                 if !known {
                     let id = crate::bounds::guest_text(&ev.container_id, 128, false);
-                    log::warn!("sandbox {}: the guest reported an OOM kill in {id:?}, not a container of this pod: ignored", sb.id);
+                    log::warn!(
+                        "sandbox {}: the guest reported an OOM kill in {id:?}, not a container of this pod: ignored",
+                        sb.id
+                    );
                     continue;
                 }
                 if !limit.allow() {

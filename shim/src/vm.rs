@@ -167,6 +167,9 @@ impl VmmProcess {
         for (tap, n) in taps.iter().zip(net) {
             arg("--net", &net_arg(tap.as_raw_fd(), &n.mac, n.mtu));
         }
+        if !h.seccomp {
+            args.push("--no-seccomp".into());
+        }
         if !h.kernel_params.is_empty() {
             args.push(format!("--cmdline={}", h.kernel_params).into());
         }
@@ -207,7 +210,7 @@ impl VmmProcess {
                         }
                     };
                     let status = match crate::spawn::wait(pid) {
-                        Ok(s) => s.to_string(),
+                        Ok(s) => describe_exit(s),
                         Err(e) => format!("wait failed: {e}"),
                     };
                     // The VMM is gone: its cgroup is empty and can go.
@@ -300,6 +303,16 @@ impl VmmProcess {
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
             self.wait_exit(Duration::from_secs(5));
         }
+    }
+}
+
+/// How the VMM ended, for the log and the pod's error messages.
+fn describe_exit(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if s.signal() == Some(libc::SIGSYS) {
+        format!("{s}: killed by its seccomp filter (a system call outside its thread's allow-list)")
+    } else {
+        s.to_string()
     }
 }
 

@@ -41,11 +41,20 @@ pub fn need_containerd() -> Option<String> {
     None
 }
 
-/// The wisp config the tests use: the build's artifacts, small VMs.
+/// The wisp config the tests use: the build's artifacts, small VMs. `WISP_TEST_VMM`
+/// names another program to run as the VMM (a wrapper that traces the real one, as
+/// `vmm/seccomp/collect.sh` does).
 pub fn wisp_config(extra: &str) -> String {
+    let vmm =
+        std::env::var_os("WISP_TEST_VMM").map(PathBuf::from).unwrap_or_else(|| crate::artifact("release/wisp-vmm"));
+    wisp_config_with_vmm(&vmm, extra)
+}
+
+/// Like `wisp_config`, with `vmm` as the VMM program.
+pub fn wisp_config_with_vmm(vmm: &Path, extra: &str) -> String {
     format!(
         "[hypervisor]\npath = \"{}\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n\n[agent]\ndial_timeout_ms = 120000\ndial_attempt_timeout_ms = 2000\nrpc_timeout_ms = 60000\n\n{extra}",
-        crate::artifact("release/wisp-vmm").display(),
+        vmm.display(),
         crate::artifact("guest/vmlinux").display(),
         crate::artifact("guest/initrd.img").display(),
     )

@@ -311,6 +311,21 @@ fn the_vmm_is_jailed() -> CaseResult {
             let v = status_field(pid, field)?;
             ensure_that!(v == want, "{field} of wisp-vmm is {v}, want {want}");
         }
+        // Every thread has its seccomp filter (mode 2), not only the main one.
+        let mut threads = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let t = t?.path();
+            let comm = std::fs::read_to_string(t.join("comm"))?.trim().to_string();
+            let status = std::fs::read_to_string(t.join("status"))?;
+            let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).unwrap_or("").trim().to_string();
+            ensure_that!(mode == "2", "wisp-vmm thread {comm} has Seccomp: {mode}, want 2 (filter)");
+            threads.push(comm);
+        }
+        eprintln!("hostile: wisp-vmm threads, all with seccomp filters: {threads:?}");
+        ensure_that!(
+            threads.iter().any(|t| t.starts_with("vcpu")) && threads.iter().any(|t| t == "devices"),
+            "no vCPU or device thread among {threads:?}"
+        );
         let nspid = status_field(pid, "NSpid")?;
         ensure_that!(
             nspid.split_whitespace().last() == Some("1"),
@@ -351,6 +366,55 @@ fn the_vmm_is_jailed() -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// For each kind of VMM thread: the test-only trigger (`wisp-vmm --seccomp-selftest
+/// KIND:SECS`, passed by a wrapper) makes a thread of that kind call mount(2) once the
+/// pod runs; the filter must kill the VMM, the pod's task must stop, and the shim's log
+/// must say why.
+fn a_forbidden_call_kills_the_vmm_and_stops_the_pod() -> CaseResult {
+    skip_unless_ready!();
+    let dir = tempfile::tempdir()?;
+    for kind in ["vcpu", "devices", "control"] {
+        let wrapper = dir.path().join(format!("vmm-{kind}"));
+        let vmm = wisp_tests::artifact("release/wisp-vmm");
+        std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} --seccomp-selftest {kind}:20 \"$@\"\n", vmm.display()))?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        let c = wisp_tests::containerd::Containerd::start(&wisp_tests::containerd::wisp_config_with_vmm(
+            &wrapper,
+            wisp_tests::ctr::DEBUG,
+        ))?;
+        let image = c.import_busybox()?;
+        let e = Env { c, image };
+        let id = format!("sigsys-{kind}");
+        e.ok(&["run", "-d", "--runtime", RUNTIME, &e.image, &id, "sleep", "600"])?;
+        // Activity wakes the vCPU and device threads (each checks the trigger when it wakes).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        let mut n = 0;
+        loop {
+            if e.ok(&["task", "ls"])?.contains("STOPPED") {
+                break;
+            }
+            ensure_that!(
+                std::time::Instant::now() < deadline,
+                "{kind}: the pod still runs 180 s after the forbidden call was armed"
+            );
+            n += 1;
+            let _ = e.exec(&id, &format!("poke{n}"), "echo poke > /tmp/poke && cat /tmp/poke");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        let log = e.c.log();
+        ensure_that!(
+            log.contains("killed by its seccomp filter"),
+            "{kind}: the shim's log does not say the VMM was killed by its seccomp filter:\n{}",
+            wisp_tests::ctr::tail(&log)
+        );
+        e.ok(&["task", "delete", &id])?;
+        e.ok(&["container", "delete", &id])?;
+        e.assert_clean()?;
+        eprintln!("hostile: {kind} thread: forbidden call killed the VMM, task stopped after {n} pokes");
+    }
+    Ok(Outcome::Passed)
+}
+
 fn main() {
     Suite::new("hostile")
         .case("teardown_follows_nothing_the_guest_planted", teardown_follows_nothing_the_guest_planted)
@@ -360,5 +424,6 @@ fn main() {
         )
         .case("host_kernel_trees_are_not_shared", host_kernel_trees_are_not_shared)
         .case("the_vmm_is_jailed", the_vmm_is_jailed)
+        .case("a_forbidden_call_kills_the_vmm_and_stops_the_pod", a_forbidden_call_kills_the_vmm_and_stops_the_pod)
         .run()
 }

@@ -102,7 +102,7 @@ fn mmio_serial_and_reset_through_the_vmm() -> CaseResult {
     let mut pio = Bus::new();
     let irq = vmm_sys_util::eventfd::EventFd::new(0)?;
     vm.fd.register_irqfd(&irq, layout::SERIAL_IRQ)?;
-    let uart = Arc::new(Mutex::new(SerialConsole::new(irq, Box::new(console.clone()))));
+    let uart = Arc::new(Mutex::new(SerialConsole::new(irq, Box::new(console.clone()), None)));
     let serial: Arc<Mutex<dyn BusDevice>> = uart.clone();
     pio.insert(serial, u64::from(layout::SERIAL_PORT), 8)?;
     let tx = Mutex::new(exits_tx.clone());

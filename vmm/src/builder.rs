@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{boot, layout, mptable};
 use crate::devices::bus::{Bus, BusDevice};
-use crate::devices::legacy::{BootMarker, BootTimeline, I8042, Milestone, SerialConsole};
+use crate::devices::legacy::{BootMarker, BootTimeline, Milestone, SerialConsole, I8042};
 pub use crate::devices::virtio::fs::{CacheMode, SharedDirConfig};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap, TapLink};
@@ -151,7 +151,8 @@ impl DeviceSetup<'_> {
                 self.vm.fd.register_ioevent(evt, &addr, q as u32).map_err(|e| err(format!("ioeventfd: {e}")))?;
             }
         }
-        let transport = MmioTransport::new(self.vm.mem.clone(), dev.clone()).map_err(|e| err(format!("transport: {e}")))?;
+        let transport =
+            MmioTransport::new(self.vm.mem.clone(), dev.clone()).map_err(|e| err(format!("transport: {e}")))?;
         self.vm.fd.register_irqfd(transport.irq_event(), irq).map_err(|e| err(format!("irqfd: {e}")))?;
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, layout::VIRTIO_MMIO_SIZE)
@@ -197,11 +198,16 @@ impl MicroVm {
             vm: &vm,
             mmio: Bus::new(),
             cmdline: boot::base_cmdline(config.console != ConsoleOutput::Off)?,
-            events: EventManager::new().map_err(|e| StartError::Device { device: "event loop".into(), reason: e.to_string() })?,
+            events: EventManager::new()
+                .map_err(|e| StartError::Device { device: "event loop".into(), reason: e.to_string() })?,
             next: 0,
         };
         if config.rng {
-            setup.attach("rng", crate::devices::virtio::rng::Rng::new().map_err(|e| StartError::Device { device: "rng".into(), reason: e.to_string() })?)?;
+            setup.attach(
+                "rng",
+                crate::devices::virtio::rng::Rng::new()
+                    .map_err(|e| StartError::Device { device: "rng".into(), reason: e.to_string() })?,
+            )?;
         }
         for (i, d) in config.disks.iter().enumerate() {
             let name = format!("disk{i} ({})", d.path.display());
@@ -237,7 +243,13 @@ impl MicroVm {
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
             let v = Vcpu::new(&vm.fd, i)?;
-            v.configure(&vm.mem, &vm.supported_cpuid, config.vcpus, vm.tsc_deadline, (i == 0).then_some(boot_info.entry))?;
+            v.configure(
+                &vm.mem,
+                &vm.supported_cpuid,
+                config.vcpus,
+                vm.tsc_deadline,
+                (i == 0).then_some(boot_info.entry),
+            )?;
             vcpus.push(v);
         }
         timeline.record(Milestone::KernelLoaded);
@@ -246,10 +258,18 @@ impl MicroVm {
         std::thread::Builder::new()
             .name("devices".into())
             .stack_size(crate::THREAD_STACK)
-            .spawn(move || loop {
-                if let Err(e) = events.run() {
-                    let _ = dev_exits.send(VmExit::Error(format!("device event loop failed: {e}")));
+            .spawn(move || {
+                // Before the first event: every device's queue handling runs here.
+                if let Err(e) = crate::seccomp::install_if_enabled(crate::seccomp::ThreadKind::Devices) {
+                    let _ = dev_exits.send(VmExit::Error(format!("device thread: {e}")));
                     return;
+                }
+                loop {
+                    if let Err(e) = events.run() {
+                        let _ = dev_exits.send(VmExit::Error(format!("device event loop failed: {e}")));
+                        return;
+                    }
+                    crate::seccomp::selftest_point(crate::seccomp::ThreadKind::Devices);
                 }
             })
             .map_err(|e| StartError::Device { device: "device thread".into(), reason: e.to_string() })?;
@@ -307,7 +327,8 @@ impl MicroVm {
             ConsoleOutput::Off => Box::new(std::io::sink()),
             ConsoleOutput::Stdout => Box::new(std::io::stdout()),
             ConsoleOutput::File(p) => {
-                let f = File::create(p).map_err(|source| StartError::Console { path: p.display().to_string(), source })?;
+                let f =
+                    File::create(p).map_err(|source| StartError::Console { path: p.display().to_string(), source })?;
                 Box::new(LineWriter::new(f))
             }
         };
@@ -329,13 +350,15 @@ impl MicroVm {
             .map_err(|e| dev_err("i8042", e.to_string()))?;
 
         let marker: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(BootMarker::new(timeline.clone())));
-        pio.insert(marker, u64::from(layout::BOOT_MARKER_PORT), 1).map_err(|e| dev_err("boot marker", e.to_string()))?;
+        pio.insert(marker, u64::from(layout::BOOT_MARKER_PORT), 1)
+            .map_err(|e| dev_err("boot marker", e.to_string()))?;
         Ok((pio, console))
     }
 
     /// Blocks until the VM ends and says why.
     pub fn wait(&self) -> VmExit {
-        let exit = self.exits_rx.recv().unwrap_or_else(|_| VmExit::Error("all VM threads ended without a reason".into()));
+        let exit =
+            self.exits_rx.recv().unwrap_or_else(|_| VmExit::Error("all VM threads ended without a reason".into()));
         self.console.lock().unwrap_or_else(|e| e.into_inner()).flush_output();
         exit
     }

@@ -32,6 +32,8 @@ pub struct Args {
     pub api_sock: Option<PathBuf>,
     pub log_level: Option<String>,
     pub jail: Option<PathBuf>,
+    pub no_seccomp: bool,
+    pub seccomp_selftest: Option<(wisp_vmm::seccomp::ThreadKind, u64)>,
 }
 
 impl Args {
@@ -53,6 +55,8 @@ impl Args {
             api_sock: None,
             log_level: None,
             jail: None,
+            no_seccomp: false,
+            seccomp_selftest: None,
         }
     }
 }
@@ -108,6 +112,13 @@ const OPTIONS: &[Opt] = &[
          a tmpfs at DIR (an empty directory) that holds only the paths the other options name, 7 capabilities, \
          no_new_privs. Needs root; start it as PID 1 of a new PID namespace (the shim does; by hand: unshare \
          --pid --fork). Taps must then be passed as fd=N.",
+    ),
+    flag("no-seccomp", "Install no seccomp filter (debugging only: every thread may make any system call)."),
+    opt(
+        "seccomp-selftest",
+        "KIND:SECS",
+        "Test only: SECS seconds after start, the next vcpu, devices or control thread to reach a check point \
+         makes a system call outside its list (mount), which must kill the VMM.",
     ),
     opt("log-level", "LEVEL", "error, warn (default), info, debug or trace (also WISP_LOG)."),
     flag("help", "Print this help (also -h)."),
@@ -189,6 +200,15 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             ("api-sock", Some(v)) => a.api_sock = Some(v.into()),
             ("log-level", Some(v)) => a.log_level = Some(text(v)?),
             ("jail", Some(v)) => a.jail = Some(v.into()),
+            ("no-seccomp", None) => a.no_seccomp = true,
+            ("seccomp-selftest", Some(v)) => {
+                let v = text(v)?;
+                let parsed = v
+                    .split_once(':')
+                    .and_then(|(k, s)| Some((wisp_vmm::seccomp::ThreadKind::parse(k)?, s.parse().ok()?)));
+                a.seccomp_selftest =
+                    Some(parsed.ok_or_else(|| format!("--seccomp-selftest {v}: use vcpu|devices|control:SECONDS"))?);
+            }
             (other, _) => return Err(format!("--{other}: not handled (a bug in wisp-vmm's option table)")),
         }
     }

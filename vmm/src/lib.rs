@@ -13,6 +13,7 @@ pub mod builder;
 pub mod devices;
 pub mod jail;
 pub mod logger;
+pub mod seccomp;
 pub mod vstate;
 
 pub use builder::{ConsoleOutput, DiskConfig, MicroVm, StartError, VmConfig, VsockConfig};

@@ -12,6 +12,7 @@ use wisp_vmm::builder::{CacheMode, NetBackend, NetConfig, SharedDirConfig};
 use wisp_vmm::devices::virtio::fs::{validate_tag, MAX_REQUEST_QUEUES};
 use wisp_vmm::devices::virtio::net::{valid_ifname, MacAddr, MAX_IFNAME_LEN, MIN_MTU};
 use wisp_vmm::jail::{Bind, BindKind, JailConfig};
+use wisp_vmm::seccomp::ThreadKind;
 use wisp_vmm::{ConsoleOutput, DiskConfig, MicroVm, VmConfig, VmExit, VsockConfig};
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -209,10 +210,11 @@ fn jail_from(root: &std::path::Path, config: &VmConfig, args: &Args) -> Result<J
     Ok(jail)
 }
 
-/// SIGTERM, SIGINT and SIGHUP end the VM cleanly: they are blocked in every thread and
-/// collected by one thread with sigwait.
-fn forward_stop_signals(exits: std::sync::mpsc::Sender<VmExit>) -> std::io::Result<()> {
-    // SAFETY: plain libc signal-set manipulation on local, initialized sets.
+/// SIGTERM, SIGINT and SIGHUP end the VM cleanly: blocked here, before any thread
+/// starts (every thread inherits the mask), and collected by one thread with sigwait
+/// (`collect_stop_signals`).
+fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: plain libc signal-set manipulation on a local, initialized set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -222,13 +224,18 @@ fn forward_stop_signals(exits: std::sync::mpsc::Sender<VmExit>) -> std::io::Resu
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            if libc::sigwait(&set, &mut sig) == 0 {
-                let _ = exits.send(VmExit::Stopped(format!("signal {sig}")));
-            }
-        })?;
+        Ok(set)
     }
+}
+
+fn collect_stop_signals(set: libc::sigset_t, exits: std::sync::mpsc::Sender<VmExit>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait on the set blocked in every thread.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            let _ = exits.send(VmExit::Stopped(format!("signal {sig}")));
+        }
+    })?;
     Ok(())
 }
 
@@ -273,10 +280,16 @@ fn main() -> ExitCode {
         }
         log::info!("jailed in {}", root.display());
     }
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<VmExit>();
-    if let Err(e) = forward_stop_signals(stop_tx) {
-        eprintln!("wisp-vmm: cannot set up signal handling: {e}");
-        return ExitCode::from(1);
+    let stop_signals = match block_stop_signals() {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("wisp-vmm: cannot set up signal handling: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    wisp_vmm::seccomp::set_enabled(!args.no_seccomp);
+    if args.no_seccomp {
+        log::warn!("--no-seccomp: no thread of this VMM has a seccomp filter");
     }
     let vm = match MicroVm::start(&config, start) {
         Ok(vm) => vm,
@@ -286,6 +299,26 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The vCPU and device threads run with their own filters now; this thread and every
+    // thread it starts from here on (signals, the control API's) get the control list.
+    if let Err(e) = wisp_vmm::seccomp::install_if_enabled(ThreadKind::Control) {
+        eprintln!("wisp-vmm: {e}");
+        cleanup(&config, &args);
+        return ExitCode::from(1);
+    }
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<VmExit>();
+    if let Err(e) = collect_stop_signals(stop_signals, stop_tx) {
+        eprintln!("wisp-vmm: cannot set up signal handling: {e}");
+        cleanup(&config, &args);
+        return ExitCode::from(1);
+    }
+    if let Some((kind, after)) = args.seccomp_selftest {
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(after));
+            wisp_vmm::seccomp::arm_selftest(kind);
+            wisp_vmm::seccomp::selftest_point(ThreadKind::Control);
+        });
+    }
     let exits = vm.exit_sender();
     std::thread::spawn(move || {
         if let Ok(e) = stop_rx.recv() {

@@ -173,8 +173,14 @@ impl VcpuSet {
 
 fn run_loop(mut vcpu: Vcpu, pio: &Bus, mmio: &Bus, exits: &Sender<VmExit>, control: &RunControl) {
     let index = vcpu.index;
+    // Before the first KVM_RUN: from here on the guest drives this thread.
+    if let Err(e) = crate::seccomp::install_if_enabled(crate::seccomp::ThreadKind::Vcpu) {
+        let _ = exits.send(VmExit::Error(format!("vCPU {index}: {e}")));
+        return;
+    }
     loop {
         control.park_while_paused();
+        crate::seccomp::selftest_point(crate::seccomp::ThreadKind::Vcpu);
         match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio.read(u64::from(port), data);
@@ -214,11 +220,14 @@ fn run_loop(mut vcpu: Vcpu, pio: &Bus, mmio: &Bus, exits: &Sender<VmExit>, contr
                 return;
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                let _ = exits.send(VmExit::Error(format!("vCPU {index}: KVM entry failed (reason {reason:#x}, cpu {cpu})")));
+                let _ = exits
+                    .send(VmExit::Error(format!("vCPU {index}: KVM entry failed (reason {reason:#x}, cpu {cpu})")));
                 return;
             }
             Ok(VcpuExit::InternalError) => {
-                let _ = exits.send(VmExit::Error(format!("vCPU {index}: KVM internal error (the guest ran something KVM cannot emulate)")));
+                let _ = exits.send(VmExit::Error(format!(
+                    "vCPU {index}: KVM internal error (the guest ran something KVM cannot emulate)"
+                )));
                 return;
             }
             Ok(VcpuExit::Intr) => {}

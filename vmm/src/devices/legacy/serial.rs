@@ -55,7 +55,8 @@ pub struct ConsoleWriter {
 }
 
 /// The line a capped console ends with.
-pub const TRUNCATED_NOTICE: &[u8] = b"\n[wisp-vmm: console output limit reached; the rest of the guest's output is dropped]\n";
+pub const TRUNCATED_NOTICE: &[u8] =
+    b"\n[wisp-vmm: console output limit reached; the rest of the guest's output is dropped]\n";
 
 impl ConsoleWriter {
     fn new(out: Box<dyn Write + Send>) -> Self {

@@ -136,9 +136,23 @@ fn teardown_follows_nothing_the_guest_planted() -> CaseResult {
             .collect();
         ensure_that!(skel == ["hostile"], "the share skeleton holds {skel:?}");
         ensure_that!(!sb.join("shared/fill").exists(), "the guest wrote into the share root");
+        // The next container of the pod, under the name the guest tried to prepare: its
+        // rootfs lands on the share as usual (grouped into the pod like CRI does).
+        e.ok(&[
+            "run", "-d", "--runtime", RUNTIME,
+            "--annotation", "io.kubernetes.cri.sandbox-id=hostile",
+            "--annotation", "io.kubernetes.cri.container-type=container",
+            &e.image, "next", "sleep", "600",
+        ])?;
+        let r = e.exec("next", "look", "cat /proc/sys/kernel/random/boot_id; ls /bin/busybox")?;
+        ensure_that!(r.code == 0, "the next container does not run: {} {}", r.stdout, r.stderr);
+        ensure_that!(sb.join("shared/next/rootfs/bin/busybox").exists(), "the next container's rootfs is not on the share");
+        ensure_that!(mounts_at_or_below(victim_mnt.path())?.len() == 1, "the host mount changed when the next container started");
+        e.kill_and_delete("next")?;
         e.kill_and_delete("hostile")
     })();
     if result.is_err() {
+        let _ = e.kill_and_delete("next");
         let _ = e.kill_and_delete("hostile");
     }
     let mounted = mounts_at_or_below(victim_mnt.path())?.len();

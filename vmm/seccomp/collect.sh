@@ -19,7 +19,8 @@ command -v strace >/dev/null || { echo "collect: needs strace (apt-get install s
 wrapper=$out/vmm-traced
 cat >"$wrapper" <<WRAP
 #!/bin/sh
-exec strace -f -Y -qq -o "$out/trace.\$\$" "$PWD/target/release/wisp-vmm" --no-seccomp "\$@"
+# Started as PID 1 of its own namespace, so \$\$ is 1 for every VMM: name traces uniquely.
+exec strace -f -Y -qq -o "$out/trace.\$(cat /proc/sys/kernel/random/uuid)" "$PWD/target/release/wisp-vmm" --no-seccomp "\$@"
 WRAP
 chmod 0755 "$wrapper"
 args=()

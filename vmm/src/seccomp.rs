@@ -153,6 +153,36 @@ mod tests {
         }
     }
 
+    /// The ioctl numbers in the lists are the requests their comments name.
+    #[test]
+    fn ioctl_numbers_match_their_names() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/seccomp/x86_64.json")).unwrap();
+        let lists: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let known: [(&str, u64); 7] = [
+            ("KVM_RUN", kvm_bindings::KVMIO as u64 * 256 + 0x80),
+            ("KVM_GET_REGS", 0x8000_0000 | (std::mem::size_of::<kvm_bindings::kvm_regs>() as u64) << 16 | 0xae81),
+            ("KVM_GET_SREGS", 0x8000_0000 | (std::mem::size_of::<kvm_bindings::kvm_sregs>() as u64) << 16 | 0xae83),
+            ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as u64),
+            ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ as u64),
+            ("FIONBIO", libc::FIONBIO as u64),
+            ("FIONREAD", libc::FIONREAD as u64),
+        ];
+        let mut checked = 0;
+        for kind in ThreadKind::ALL {
+            for r in lists[kind.name()]["filter"].as_array().unwrap() {
+                if r["syscall"] != "ioctl" {
+                    continue;
+                }
+                let val = r["args"][0]["val"].as_u64().unwrap();
+                let comment = r["comment"].as_str().unwrap();
+                let (name, want) = known.iter().find(|(n, _)| comment.starts_with(n)).expect(comment);
+                assert_eq!(val, *want, "{}: {name}", kind.name());
+                checked += 1;
+            }
+        }
+        assert!(checked >= 8, "{checked}");
+    }
+
     /// In a forked child: an allowed call works, mount(2) kills with SIGSYS, and clone3
     /// answers ENOSYS.
     #[test]

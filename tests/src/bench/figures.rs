@@ -10,7 +10,9 @@ use wisp_protocols::vmm_ttrpc::VmmClient;
 use wisp_protocols::agent::CheckRequest;
 use wisp_protocols::agent_ttrpc::AgentClient;
 
-use super::pods::{cri_pod_lifecycle, ctr_run_echo, idle_pod_memory, net_throughput, parallel_start};
+use super::pods::{
+    cri_pod_lifecycle, ctr_run_echo, ctr_run_echo_confinement, idle_pod_memory, net_throughput, parallel_start,
+};
 use super::smaps::{vmm_memory, Anchor};
 use super::timed::TimedChild;
 use super::timeline::{self, Point, Timeline};
@@ -118,6 +120,21 @@ pub fn experiments() -> Vec<Experiment> {
                 target_text: "<= 2.5x runc",
                 note: "Wall time of `ctr run --rm --runtime <wisp|runc> <busybox> <id> echo` against one \
                        containerd 1.6 (overlayfs snapshots); wisp boots a 256 MiB, 1 vCPU VM per run.",
+            }],
+        },
+        Experiment {
+            name: "confinement",
+            sides: ("wisp", "wisp unconfined"),
+            run: ctr_run_echo_confinement,
+            figures: vec![FigureSpec {
+                name: "ctr_run_echo_confined",
+                unit: "ms",
+                peer_name: "wisp with hypervisor.jail and hypervisor.seccomp off",
+                target: Target::Report,
+                target_text: "report: the cost of the VMM's jail and seccomp filters",
+                note: "Wall time of `ctr run --rm --runtime wisp <busybox> <id> echo` with wisp's defaults \
+                       (jailed VMM: namespaces, pivot_root, capabilities, per-thread seccomp) against the same \
+                       with jail and seccomp off (`--runtime-config-path`), in the same containerd.",
             }],
         },
         Experiment {

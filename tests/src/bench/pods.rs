@@ -50,6 +50,9 @@ impl PodEnvCell {
 pub struct PodEnv {
     pub containerd: Containerd,
     pub image: String,
+    /// A wisp config like the default one with the VMM's jail and seccomp off, for the
+    /// confinement-cost figure (`ctr run --runtime-config-path`).
+    pub unconfined_config: std::path::PathBuf,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -71,7 +74,13 @@ impl PodEnv {
             Containerd::start_with_cni(&wisp_config(""), &[("10-wisp-bench.conflist", &bench_cni_conflist())])?;
         let image = containerd.import_busybox()?;
         containerd.import_cri_images()?;
-        Ok(Self { containerd, image })
+        let unconfined_config = containerd.dir.path().join("wisp-unconfined.toml");
+        let toml = wisp_config("").replace("memory_mib = 256\n", "memory_mib = 256\njail = false\nseccomp = false\n");
+        if !toml.contains("jail = false") {
+            bail!("the test wisp config has no [hypervisor] memory_mib line to add jail = false after");
+        }
+        std::fs::write(&unconfined_config, toml)?;
+        Ok(Self { containerd, image, unconfined_config })
     }
 
     /// `ctr args`, failing with ctr's stderr when it fails.
@@ -128,6 +137,26 @@ pub fn ctr_run_echo(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
         bail!("ctr run printed {out:?}, not the echoed word");
     }
     Ok(Sample { values: vec![("ctr_run_echo", ms)], ..Default::default() })
+}
+
+/// The cost of the VMM's confinement: `ctr run --rm <busybox> echo` through wisp with
+/// its defaults (jail, seccomp) against the same with both off, in the same containerd.
+pub fn ctr_run_echo_confinement(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
+    let env = ctx.pods.get()?;
+    let id = unique("confined");
+    let unconfined = env.unconfined_config.display().to_string();
+    let mut args = vec!["run", "--rm", "--runtime", WISP_RUNTIME];
+    if side == Side::Peer {
+        args.extend_from_slice(&["--runtime-config-path", &unconfined]);
+    }
+    args.extend_from_slice(&[&env.image, &id, "echo", "wisp-bench"]);
+    let start = Instant::now();
+    let out = env.ctr(&args)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if out.trim() != "wisp-bench" {
+        bail!("ctr run printed {out:?}, not the echoed word");
+    }
+    Ok(Sample { values: vec![("ctr_run_echo_confined", ms)], ..Default::default() })
 }
 
 /// PSS and RSS of one process, from smaps_rollup (KiB).

@@ -99,9 +99,11 @@ pub fn install(kind: ThreadKind) -> io::Result<()> {
     }
     let prog: Vec<libc::sock_filter> =
         kind.program().iter().map(|&(code, jt, jf, k)| libc::sock_filter { code, jt, jf, k }).collect();
+    // The clone3 filter first: once the allow-list is in place, seccomp(2) itself is
+    // outside it.
+    install_program(&clone3_enosys()).map_err(|e| io::Error::new(e.kind(), format!("seccomp clone3 filter: {e}")))?;
     install_program(&prog)
-        .map_err(|e| io::Error::new(e.kind(), format!("seccomp filter for {} threads: {e}", kind.name())))?;
-    install_program(&clone3_enosys()).map_err(|e| io::Error::new(e.kind(), format!("seccomp clone3 filter: {e}")))
+        .map_err(|e| io::Error::new(e.kind(), format!("seccomp filter for {} threads: {e}", kind.name())))
 }
 
 /// Whether filters are installed at all (`--no-seccomp` turns them off for debugging).
@@ -183,28 +185,53 @@ mod tests {
         assert!(checked >= 8, "{checked}");
     }
 
-    /// In a forked child: an allowed call works, mount(2) kills with SIGSYS, and clone3
-    /// answers ENOSYS.
+    /// In a forked child: the filter installs, clone3 answers ENOSYS (control), an allowed call
+    /// works, and mount(2) kills with SIGSYS. The child reports each step through a
+    /// pipe, so a kill that came too early (in the install) cannot pass for the real one.
     #[test]
     fn a_call_outside_the_list_kills_the_process() {
         for kind in ThreadKind::ALL {
+            let mut fds = [0; 2];
+            // SAFETY: pipe(2) fills two descriptors.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
             // SAFETY: fork in a test; the child only makes system calls and _exits.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
+                let step = |b: u8| unsafe { libc::write(fds[1], &b as *const u8 as *const libc::c_void, 1) };
                 if install(kind).is_err() {
                     unsafe { libc::_exit(2) };
                 }
-                let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
-                let errno = io::Error::last_os_error().raw_os_error();
-                if r != -1 || errno != Some(libc::ENOSYS) {
-                    unsafe { libc::_exit(3) };
+                step(b'i');
+                // Only control threads start threads: there clone3 answers ENOSYS (for
+                // the others it is outside the list, which wins over the errno).
+                if kind == ThreadKind::Control {
+                    let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+                    let errno = io::Error::last_os_error().raw_os_error();
+                    if r != -1 || errno != Some(libc::ENOSYS) {
+                        unsafe { libc::_exit(3) };
+                    }
                 }
+                step(b'c');
                 unsafe { libc::syscall(libc::SYS_getpid) };
+                step(b'g');
                 unsafe { libc::syscall(libc::SYS_mount, 0usize, 0usize, 0usize, 0usize, 0usize) };
                 unsafe { libc::_exit(4) };
             }
+            // SAFETY: closing our copy of the write end, then reading the child's steps.
+            unsafe { libc::close(fds[1]) };
+            let mut steps = Vec::new();
+            let mut buf = [0u8; 8];
+            loop {
+                let n = unsafe { libc::read(fds[0], buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                steps.extend_from_slice(&buf[..n as usize]);
+            }
+            unsafe { libc::close(fds[0]) };
             let mut status = 0;
             unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(steps, b"icg", "{}: the child got through {} steps", kind.name(), steps.len());
             assert!(
                 libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
                 "{}: status {status:#x} (exit {})",

@@ -123,6 +123,21 @@ pub fn experiments() -> Vec<Experiment> {
             }],
         },
         Experiment {
+            name: "confinement_boot",
+            sides: ("wisp-vmm jailed", "wisp-vmm unconfined"),
+            run: boot_to_agent_confinement,
+            figures: vec![FigureSpec {
+                name: "boot_to_agent_confined",
+                unit: "ms",
+                peer_name: "the same wisp-vmm without jail and seccomp",
+                target: Target::Report,
+                target_text: "report: the boot cost of the jail and seccomp filters",
+                note: "Spawn to the agent's ttrpc answer, as boot_to_agent, with wisp-vmm started as the shim \
+                       starts it (PID 1 of a new PID namespace, --jail, per-thread seccomp) against the same \
+                       VMM with --no-seccomp and no jail.",
+            }],
+        },
+        Experiment {
             name: "confinement",
             sides: ("wisp", "wisp unconfined"),
             run: ctr_run_echo_confinement,
@@ -291,6 +306,33 @@ fn boot_to_agent(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
     tl.points.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
     vm.stop()?;
     Ok(Sample { values: vec![("boot_to_agent", ms)], timeline: Some(tl), ..Default::default() })
+}
+
+/// The cost of the jail and seccomp at boot: wisp-vmm to the agent's answer, started as
+/// the shim starts it (PID 1 of a new PID namespace through `unshare`, `--jail`, seccomp
+/// on: its default) against the same VMM unconfined (`--no-seccomp`, no jail).
+fn boot_to_agent_confinement(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
+    let dir = tempfile::tempdir()?;
+    let (run, jail) = (dir.path().join("run"), dir.path().join("jail"));
+    std::fs::create_dir(&run)?;
+    std::fs::create_dir(&jail)?;
+    let (vsock, api) = (run.join("vsock"), run.join("api.sock"));
+    let plain = ctx.setup.wisp_with_agent(&vsock, &api);
+    let mut cmd = if side == Side::Wisp {
+        let mut c = std::process::Command::new("unshare");
+        c.args(["--pid", "--fork", "--kill-child"]).arg(plain.get_program()).args(plain.get_args());
+        c.arg("--jail").arg(&jail);
+        c
+    } else {
+        let mut c = plain;
+        c.arg("--no-seccomp");
+        c
+    };
+    let mut vm = TimedChild::spawn("wisp-vmm + agent", &mut cmd)?;
+    let answered = check_agent(&vm, &vsock, ctx.boot_timeout)?;
+    let ms = answered.duration_since(vm.started).as_secs_f64() * 1e3;
+    vm.stop()?;
+    Ok(Sample { values: vec![("boot_to_agent_confined", ms)], ..Default::default() })
 }
 
 /// Dials the agent's ttrpc port through the VMM's hybrid vsock socket until a Check

@@ -5,7 +5,8 @@
 //!   wisp-bench [--runs N] [--warmup N] [--settle SECS] [--boot-timeout SECS] [--out DIR] [--resume] [FILTER...]
 //!
 //! FILTERs select experiments or figures by name: experiments `boot`, `boot_agent`,
-//! `idle_memory`, `shared_fs`, `ctr_run`, `cri_lifecycle`, `idle_pod`, `parallel_start`, `net`;
+//! `idle_memory`, `shared_fs`, `confinement_boot`, `ctr_run`, `confinement`, `cri_lifecycle`, `idle_pod`,
+//! `parallel_start`, `net`;
 //! figures as in the report;
 //! `boot_timeline` comes from `boot_agent`.
 //! Exit status: 0 when every selected figure was measured (whether or not it met its

@@ -63,14 +63,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do suites+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 export WISP_E2E_FILTER="$*"
 [ ${#suites[@]} -gt 0 ] || suites=("${ALL_SUITES[@]}")
-args=()
-for s in "${suites[@]}"; do args+=(--test "$s"); done
-bins=$(cargo test -p wisp-tests --no-run --message-format=json "${args[@]}" \
-    | python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
-        print(m["executable"])')
+bins=$(tests/test-bins.sh "${suites[@]}")
 [ -n "$bins" ] || { echo "e2e: no test binaries were built" >&2; exit 1; }
 
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then

@@ -138,40 +138,29 @@ impl Dir {
     /// without crossing a mount; the last component may itself be a mount point (its
     /// root is what is returned), never a symlink.
     pub fn open_target(&self, rel: &Path) -> io::Result<OwnedFd> {
-        check_relative(rel)?;
-        let (parent, name) = split(rel)?;
-        let p = match parent {
-            Some(p) => openat2(self.as_fd(), p, libc::O_DIRECTORY | libc::O_PATH, BENEATH),
-            None => self.dup(),
-        }
-        .map_err(|e| at("opening", &self.path.join(rel), e))?;
-        openat2(
-            p.as_fd(),
-            name,
-            libc::O_PATH,
-            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-        )
-        .map_err(|e| at("opening", &self.path.join(rel), e))
+        self.open_last(rel, libc::O_PATH)
     }
 
     /// Opens the directory `rel` below this one whose last component is a mount point
     /// (the mount's root is returned), resolved like `open_target`.
     pub fn open_mounted_dir(&self, rel: &Path) -> io::Result<Dir> {
+        let fd = self.open_last(rel, libc::O_DIRECTORY | libc::O_RDONLY)?;
+        Ok(Dir { fd, path: self.path.join(rel) })
+    }
+
+    /// `rel`'s parent resolved without symlinks or mount crossings, then its last
+    /// component without symlinks (crossing into what is mounted there) with `flags`.
+    fn open_last(&self, rel: &Path, flags: i32) -> io::Result<OwnedFd> {
         check_relative(rel)?;
         let (parent, name) = split(rel)?;
+        let err = |e| at("opening", &self.path.join(rel), e);
         let p = match parent {
             Some(p) => openat2(self.as_fd(), p, libc::O_DIRECTORY | libc::O_PATH, BENEATH),
             None => self.dup(),
         }
-        .map_err(|e| at("opening", &self.path.join(rel), e))?;
-        let fd = openat2(
-            p.as_fd(),
-            name,
-            libc::O_DIRECTORY | libc::O_RDONLY,
-            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-        )
-        .map_err(|e| at("opening", &self.path.join(rel), e))?;
-        Ok(Dir { fd, path: self.path.join(rel) })
+        .map_err(err)?;
+        let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        openat2(p.as_fd(), name, flags, resolve).map_err(err)
     }
 
     fn dup(&self) -> io::Result<OwnedFd> {

@@ -23,14 +23,7 @@ cat >"$wrapper" <<WRAP
 exec strace -f -Y -qq -o "$out/trace.\$(cat /proc/sys/kernel/random/uuid)" "$PWD/target/release/wisp-vmm" --no-seccomp "\$@"
 WRAP
 chmod 0755 "$wrapper"
-args=()
-for s in "${suites[@]}"; do args+=(--test "$s"); done
-bins=$(cargo test -p wisp-tests --no-run --message-format=json "${args[@]}" \
-    | python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
-        print(m["executable"])')
+bins=$(tests/test-bins.sh "${suites[@]}")
 for bin in $bins; do
     tests/kvmhost/run --rw "$out" --timeout 2400 -- env WISP_TEST_VMM="$wrapper" "$bin" || true
 done

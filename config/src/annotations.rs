@@ -200,11 +200,15 @@ mod tests {
             "hypervisor.initrd".into(),
             "runtime.state_dir".into(),
             "runtime.enable_annotations".into(),
+            // A pod never turns its own VMM's confinement off.
+            "hypervisor.jail".into(),
+            "hypervisor.seccomp".into(),
         ];
         for key in &config.runtime.enable_annotations.clone() {
             let name = format!("io.wisp.config.{key}");
+            let value = if key.ends_with("jail") || key.ends_with("seccomp") { "false" } else { "/tmp/evil" };
             let e = config
-                .apply_annotations(&annotations(&[(&name, "/tmp/evil")]))
+                .apply_annotations(&annotations(&[(&name, value)]))
                 .expect_err("forbidden");
             assert!(
                 matches!(&e, ConfigError::AnnotationForbidden { key: k, .. } if k == key),

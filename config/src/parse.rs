@@ -440,6 +440,8 @@ mod tests {
             "hypervisor.initrd",
             "runtime.state_dir",
             "runtime.enable_annotations",
+            "hypervisor.jail",
+            "hypervisor.seccomp",
         ] {
             let text =
                 format!("[runtime]\nenable_annotations = [\"hypervisor.vcpus\", \"{forbidden}\"]");

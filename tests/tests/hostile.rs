@@ -66,13 +66,11 @@ fn mounts_at_or_below(p: &Path) -> anyhow::Result<Vec<(String, String)>> {
 
 /// Runs `argv` as user nobody (uid/gid 65534, no groups): what any host user can do.
 fn as_nobody(argv: &[&str]) -> anyhow::Result<Run> {
-    let out =
-        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).args(argv).output()?;
-    Ok(Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(argv)
+        .output()?;
+    Ok(Run::from_output(out))
 }
 
 /// A step the script printed as `name=STATUS`: its exit status.

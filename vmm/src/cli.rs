@@ -232,6 +232,22 @@ mod tests {
     }
 
     #[test]
+    fn confinement_options_and_their_malformed_values() {
+        use wisp_vmm::seccomp::ThreadKind;
+        let a = run(&["--kernel", "k", "--jail", "/run/j", "--no-seccomp", "--seccomp-selftest", "devices:20"]);
+        assert_eq!(a.jail, Some(PathBuf::from("/run/j")));
+        assert!(a.no_seccomp);
+        assert_eq!(a.seccomp_selftest, Some((ThreadKind::Devices, 20)));
+        for bad in ["", "vcpu", "vcpu:", "gpu:5", "control:-1", "control:x", ":5"] {
+            let e = parse_strs(&["--kernel", "k", "--seccomp-selftest", bad]).unwrap_err();
+            assert!(e.contains("--seccomp-selftest") && e.contains("vcpu|devices|control:SECONDS"), "{bad:?}: {e}");
+        }
+        assert!(parse_strs(&["--kernel", "k", "--no-seccomp=yes"]).unwrap_err().contains("takes no value"));
+        assert!(parse_strs(&["--kernel", "k", "--jail"]).unwrap_err().contains("needs a value"));
+        assert!(parse_strs(&["--kernel", "k", "--jail", "a", "--jail", "b"]).unwrap_err().contains("twice"));
+    }
+
+    #[test]
     fn defaults_and_every_option() {
         assert_eq!(run(&["--kernel", "k"]), Args::new("k"));
         let a = run(&[

@@ -20,7 +20,7 @@ STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 AGENT_ENV := RUSTFLAGS='$(STATIC_RUSTFLAGS)' LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest kernel initrd install uninstall test unit e2e bench demo clean
+.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e bench demo clean
 
 all: build guest
 
@@ -65,6 +65,11 @@ initrd: agent
 	RUSTFLAGS='$(STATIC_RUSTFLAGS)' $(CARGO) build --release --target $(TRIPLE) -p vsock-probe
 	guest/make-test-initrd.sh $(GUEST)/test-initrd.img target/$(TRIPLE)/release/vsock-probe
 
+# containerd 2.x, crictl, critest and nerdctl for the tests, built from their published Go
+# modules (pinned in tests/tools/go-tools.lock), cached under $$HOME/.cache/wisp/go-tools.
+tools:
+	tests/tools/go-tools.sh build
+
 install:
 	install -D -m 0755 $(RELEASE)/containerd-shim-wisp-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-wisp-v2
 	install -D -m 0755 $(RELEASE)/wisp-vmm $(DESTDIR)$(PREFIX)/bin/wisp-vmm
@@ -95,7 +100,7 @@ unit:
 	@if [ "$$(id -u)" = 0 ]; then $(CARGO) test --workspace --lib --bins -- --ignored; \
 	else echo "unit: not root: the root-only unit tests were not run (listed as ignored above)"; fi
 
-e2e: build guest
+e2e: build guest tools
 	tests/kvmhost/selftest.sh
 	tests/e2e.sh
 

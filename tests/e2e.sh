@@ -3,8 +3,10 @@
 # run inside the emulated KVM host (tests/kvmhost/run) unless this machine has
 # hardware-style KVM (vmx/svm), where they run directly.
 #
-#   tests/e2e.sh [SUITE...] [-- FILTER...]   default: every suite listed below;
-#                                            FILTERs select cases by substring
+#   tests/e2e.sh [SUITE[@VER]...] [-- FILTER...]   default: every suite listed below;
+#                                                  FILTERs select cases by substring
+# SUITE@VER runs a containerd suite against containerd VER (2.3, 2.4: the builds of
+# tests/tools/go-tools.sh, set `containerd-VER`) instead of Debian's 1.6.
 # Ends with one line: "e2e: N passed, N failed, N skipped". Each suite runs in its own
 # emulated host; a suite during which that host's kernel died runs again (twice at most).
 # One brace group: bash parses all of it before running, so editing this file cannot
@@ -63,11 +65,46 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do suites+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 export WISP_E2E_FILTER="$*"
 [ ${#suites[@]} -gt 0 ] || suites=("${ALL_SUITES[@]}")
-bins=$(tests/test-bins.sh "${suites[@]}")
+names=$(printf '%s\n' "${suites[@]}" | sed 's/@.*//' | sort -u)
+bins=$(tests/test-bins.sh $names)
 [ -n "$bins" ] || { echo "e2e: no test binaries were built" >&2; exit 1; }
+# Each run: "LABEL BINARY CONTAINERD_BIN_DIR" (the dir "-" for Debian's containerd).
+runs=()
+for s in "${suites[@]}"; do
+    name=${s%@*}
+    bin=$(grep -E "/${name}-[0-9a-f]+\$" <<<"$bins" | head -n 1)
+    [ -n "$bin" ] || { echo "e2e: no test binary for suite $name" >&2; exit 1; }
+    ctd=-
+    if [ "$s" != "$name" ]; then
+        ctd=$(tests/tools/go-tools.sh bin "containerd-${s#*@}") || exit 1
+    fi
+    runs+=("$s $bin $ctd")
+done
+# run_env CONTAINERD_BIN_DIR CMD...: CMD with WISP_CONTAINERD_BIN set or unset.
+run_env() {
+    local ctd=$1
+    shift
+    if [ "$ctd" = - ]; then env -u WISP_CONTAINERD_BIN "$@"; else WISP_CONTAINERD_BIN=$ctd "$@"; fi
+}
 
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then
-    exec "$0" --inside $bins
+    passed=0 failed=0 skipped=0
+    for r in "${runs[@]}"; do
+        read -r suite bin ctd <<<"$r"
+        log=$(mktemp)
+        set +e
+        run_env "$ctd" "$0" --inside "$bin" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        line=$(grep -E '^e2e: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1 || true)
+        rm -f "$log"
+        [ -n "$line" ] || { echo "e2e: suite $suite ended ($rc) without a summary" >&2; failed=$((failed + 1)); continue; }
+        tally "$line" "$rc"
+    done
+    echo
+    echo "e2e: $passed passed, $failed failed, $skipped skipped"
+    [ "$failed" = 0 ]
+    exit
 fi
 
 # Each suite gets its own emulated host, so that when the emulated host's own kernel
@@ -77,12 +114,12 @@ fi
 # tests/kvmhost/README.md), and the last run's result is the one counted. Deaths are
 # reported, never hidden.
 passed=0 failed=0 skipped=0 deaths=()
-for bin in $bins; do
-    suite=$(basename "$bin" | sed -E 's/-[0-9a-f]+$//')
+for r in "${runs[@]}"; do
+    read -r suite bin ctd <<<"$r"
     for attempt in 1 2 3; do
         log=$(mktemp)
         set +e
-        tests/kvmhost/run --timeout "${WISP_E2E_TIMEOUT:-1800}" -- "$0" --inside "$bin" 2>&1 | tee "$log"
+        run_env "$ctd" tests/kvmhost/run --timeout "${WISP_E2E_TIMEOUT:-1800}" -- "$0" --inside "$bin" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e
         line=$(grep -E '^e2e: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1 || true)

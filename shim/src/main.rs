@@ -8,6 +8,7 @@ mod cleanup;
 mod container;
 mod events;
 mod hostfs;
+mod info;
 mod io;
 mod metrics;
 mod mounts;
@@ -22,6 +23,10 @@ mod spec;
 mod vm;
 
 fn main() {
+    // containerd 2.x asks `-info` (a RuntimeInfo on stdout) outside the shim protocol.
+    if std::env::args().nth(1).as_deref() == Some("-info") {
+        info::run();
+    }
     let config = containerd_shim::Config {
         // The shim waits for its own child (the VMM); nothing else forks.
         no_reaper: true,

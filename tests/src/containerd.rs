@@ -4,8 +4,14 @@
 //! use the build's VMM, kernel and initrd, and runc as the peer runtime. It is stopped
 //! and its directory removed on drop.
 //!
-//! containerd 1.6 still uses fixed paths (/run/containerd/s, /run/containerd/fifo): run
-//! one at a time per (emulated) host.
+//! Which containerd: Debian's 1.6 (`/usr/bin/containerd`, `/usr/bin/ctr`), or, when
+//! `WISP_CONTAINERD_BIN` names a directory, the containerd, `ctr` and
+//! `containerd-shim-runc-v2` in it (a 2.x build of `tests/tools/go-tools.sh`; `tests/e2e.sh
+//! SUITE@2.4` sets it). A 2.x containerd gets a version 3 configuration (its CRI plugin
+//! IDs); runc is Debian's for both.
+//!
+//! containerd still uses fixed paths (/run/containerd/s, /run/containerd/fifo): run one
+//! at a time per (emulated) host.
 //!
 //! The CRI plugin is configured too: runtime handlers `runc` and `wisp`, the local pause
 //! image (`image::PAUSE_IMAGE`, imported by `import_cri_images`) as the sandbox image,
@@ -28,14 +34,77 @@ pub const CTR_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Containerd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
+    pub build: Build,
     child: Option<Watched>,
+}
+
+/// The containerd build the tests run (see the module's documentation).
+#[derive(Clone, Debug)]
+pub struct Build {
+    /// Holds `containerd` and `ctr` (and for 2.x `containerd-shim-runc-v2`).
+    pub bin_dir: PathBuf,
+    /// As `containerd --version` says it, such as `1.6.20~ds1` or `v2.4.2`.
+    pub version: String,
+    /// The major version: 1 or 2.
+    pub major: u32,
+}
+
+impl Build {
+    /// The build `WISP_CONTAINERD_BIN` names, else Debian's.
+    pub fn selected() -> anyhow::Result<Self> {
+        let bin_dir = std::env::var_os("WISP_CONTAINERD_BIN").map(PathBuf::from).unwrap_or_else(|| "/usr/bin".into());
+        let containerd = bin_dir.join("containerd");
+        let out = Command::new(&containerd)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", containerd.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Self::from_version_line(bin_dir, &text)
+    }
+
+    /// Parses `containerd --version`: "containerd <package> <version> <revision>".
+    fn from_version_line(bin_dir: PathBuf, line: &str) -> anyhow::Result<Self> {
+        let version = line
+            .split_whitespace()
+            .nth(2)
+            .with_context(|| format!("unexpected `containerd --version` output: {line:?}"))?;
+        let major = version
+            .trim_start_matches('v')
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .with_context(|| format!("no major version in {version:?}"))?;
+        Ok(Self { bin_dir, version: version.to_string(), major })
+    }
+
+    pub fn containerd(&self) -> PathBuf {
+        self.bin_dir.join("containerd")
+    }
+
+    pub fn ctr(&self) -> PathBuf {
+        self.bin_dir.join("ctr")
+    }
 }
 
 /// Why containerd-based tests cannot run here, if they cannot.
 pub fn need_containerd() -> Option<String> {
-    for bin in ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/sbin/runc"] {
-        if !Path::new(bin).exists() {
-            return Some(format!("needs {bin} (Debian packages containerd and runc; run `make deps`)"));
+    let dir = std::env::var_os("WISP_CONTAINERD_BIN").map(PathBuf::from);
+    let bins: Vec<PathBuf> = match &dir {
+        Some(d) => {
+            vec![d.join("containerd"), d.join("ctr"), d.join("containerd-shim-runc-v2"), "/usr/sbin/runc".into()]
+        }
+        None => vec!["/usr/bin/containerd".into(), "/usr/bin/ctr".into(), "/usr/sbin/runc".into()],
+    };
+    for bin in bins {
+        if !bin.exists() {
+            return Some(match &dir {
+                Some(d) => format!(
+                    "needs {} (WISP_CONTAINERD_BIN={}: build it with tests/tools/go-tools.sh build)",
+                    bin.display(),
+                    d.display()
+                ),
+                None => format!("needs {} (Debian packages containerd and runc; run `make deps`)", bin.display()),
+            });
         }
     }
     None
@@ -88,54 +157,28 @@ impl Containerd {
         for (name, conf) in cni_confs {
             std::fs::write(d.join("cni").join(name), conf).with_context(|| format!("writing CNI config {name}"))?;
         }
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-oom_score = 0
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  level = "debug"
-[plugins."io.containerd.grpc.v1.cri"]
-  restrict_oom_score_adj = true
-  sandbox_image = "{pause}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    snapshotter = "overlayfs"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wisp]
-      runtime_type = "io.containerd.wisp.v2"
-      # CRI passes a pod's annotations to the runtime only when listed here.
-      pod_annotations = ["io.wisp.config.*"]
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = socket.display(),
-            cni = d.join("cni").display(),
-            pause = crate::image::PAUSE_IMAGE,
-        );
+        let build = Build::selected()?;
+        let config = config_toml(&build, d, &socket);
         std::fs::write(d.join("config.toml"), config)?;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = Command::new(build.containerd());
         cmd.arg("--config").arg(d.join("config.toml"));
+        // containerd finds shims on its PATH: the build's own runc shim first, then ours.
+        let mut path = std::env::var("PATH").unwrap_or_default();
+        if build.major >= 2 {
+            path = format!("{}:{path}", build.bin_dir.display());
+        }
         if let Some(toml) = wisp_toml {
             std::fs::write(d.join("wisp.toml"), toml)?;
-            let shim_dir = crate::artifact("release");
-            let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
-            cmd.env("PATH", path).env("WISP_CONFIG", d.join("wisp.toml"));
+            path = format!("{}:{path}", crate::artifact("release").display());
+            cmd.env("WISP_CONFIG", d.join("wisp.toml"));
         } else {
             cmd.env_remove("WISP_CONFIG");
         }
+        cmd.env("PATH", path);
         let child = Watched::spawn("containerd", &mut cmd)?;
-        let me = Self { dir, socket, child: Some(child) };
+        eprintln!("containerd {}: starting in {}", build.version, dir.path().display());
+        let me = Self { dir, socket, build, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(60);
-        eprintln!("containerd: starting in {}", me.dir.path().display());
         loop {
             let probe = crate::process::output_within(&mut me.ctr(&["version"]), None, Duration::from_secs(10));
             if probe.is_ok_and(|o| o.status.success()) {
@@ -161,7 +204,7 @@ oom_score = 0
 
     /// A `ctr` command against this containerd, in `namespace`.
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = Command::new(self.build.ctr());
         c.arg("--address").arg(&self.socket).arg("--namespace").arg(namespace).args(args);
         c
     }
@@ -238,8 +281,85 @@ oom_score = 0
     }
 }
 
+/// containerd's configuration for a test: its own root, state and sockets, the CRI plugin
+/// with handlers `runc` and `wisp`, the local pause image, a private CNI conf dir. 1.6
+/// reads version 2; 2.x version 3 (the CRI plugin split into `cri.v1.images` and
+/// `cri.v1.runtime`).
+fn config_toml(build: &Build, d: &Path, socket: &Path) -> String {
+    let common = format!(
+        r#"root = "{root}"
+state = "{state}"
+oom_score = 0
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "debug"
+"#,
+        root = d.join("root").display(),
+        state = d.join("state").display(),
+        sock = socket.display(),
+    );
+    // CRI passes a pod's annotations to the runtime only when its handler lists them.
+    let handlers = r#"default_runtime_name = "runc"
+    [{P}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [{P}.containerd.runtimes.wisp]
+      runtime_type = "io.containerd.wisp.v2"
+      pod_annotations = ["io.wisp.config.*"]"#;
+    let cni = d.join("cni");
+    let pause = crate::image::PAUSE_IMAGE;
+    if build.major >= 2 {
+        let p = "plugins.'io.containerd.cri.v1.runtime'";
+        format!(
+            r#"version = 3
+{common}[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "{pause}"
+[{p}]
+  restrict_oom_score_adj = true
+  [{p}.containerd]
+    {handlers}
+  [{p}.cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{cni}"
+"#,
+            handlers = handlers.replace("{P}", p),
+            cni = cni.display(),
+        )
+    } else {
+        let p = r#"plugins."io.containerd.grpc.v1.cri""#;
+        format!(
+            r#"version = 2
+{common}[{p}]
+  restrict_oom_score_adj = true
+  sandbox_image = "{pause}"
+  [{p}.containerd]
+    snapshotter = "overlayfs"
+    {handlers}
+  [{p}.cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+            handlers = handlers.replace("{P}", p),
+            cni = cni.display(),
+        )
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A case that failed halfway may leave tasks: their shims would outlive this
+        // containerd and hold their sandboxes (the next case's same ids then fail).
+        let timeout = Duration::from_secs(60);
+        let tasks = crate::process::output_within(&mut self.ctr(&["task", "ls", "-q"]), None, timeout);
+        for id in tasks.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default().lines() {
+            eprintln!("containerd: removing task {id} left by the case");
+            let _ = crate::process::output_within(&mut self.ctr(&["task", "delete", "-f", id]), None, timeout);
+            let _ = crate::process::output_within(&mut self.ctr(&["container", "delete", id]), None, timeout);
+        }
         if let Some(c) = &self.child {
             c.signal(libc::SIGTERM);
         }
@@ -267,4 +387,41 @@ fn nix_umount(path: &str) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_containerd_version() {
+        let b = Build::from_version_line(
+            "/usr/bin".into(),
+            "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1\n",
+        )
+        .unwrap();
+        assert_eq!((b.major, b.version.as_str()), (1, "1.6.20~ds1"));
+        let b =
+            Build::from_version_line("/x".into(), "containerd github.com/containerd/containerd/v2 v2.4.2 \n").unwrap();
+        assert_eq!(b.major, 2);
+        let e = Build::from_version_line("/x".into(), "garbage").unwrap_err();
+        assert!(e.to_string().contains("unexpected `containerd --version` output"), "{e}");
+    }
+
+    #[test]
+    fn each_major_gets_its_own_config_schema() {
+        let d = Path::new("/tmp/x");
+        let v1 = Build { bin_dir: "/usr/bin".into(), version: "1.6.20".into(), major: 1 };
+        let c = config_toml(&v1, d, &d.join("s"));
+        assert!(c.starts_with("version = 2"));
+        assert!(c.contains(r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.wisp]"#), "{c}");
+        let v2 = Build { major: 2, ..v1.clone() };
+        let c = config_toml(&v2, d, &d.join("s"));
+        assert!(c.starts_with("version = 3"));
+        assert!(c.contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.wisp]"), "{c}");
+        assert!(c.contains("pinned_images"), "{c}");
+        for c in [config_toml(&v1, d, &d.join("s")), config_toml(&v2, d, &d.join("s"))] {
+            assert!(c.parse::<toml::Table>().is_ok(), "not TOML: {c}");
+        }
+    }
 }

@@ -20,7 +20,7 @@ STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 AGENT_ENV := RUSTFLAGS='$(STATIC_RUSTFLAGS)' LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e bench demo clean
+.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e conformance bench demo clean
 
 all: build guest
 
@@ -103,6 +103,11 @@ unit:
 e2e: build guest tools
 	tests/kvmhost/selftest.sh
 	tests/e2e.sh
+
+# critest (cri-tools) against containerd 2.x with handler runc, then wisp, in the emulated
+# KVM host; the table goes to target/conformance/table.md.
+conformance: build guest tools
+	tests/conformance.sh
 
 # wisp vs a peer in the same run (median of WISP_BENCH_N runs, default 5, interleaved), in the
 # emulated KVM host; the table goes to target/bench/report.md and report.json.

@@ -2,6 +2,7 @@
 //! find the built artifacts, and the tests themselves under `tests/`.
 
 pub mod bench;
+pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod ctr;
@@ -33,4 +34,23 @@ pub fn need_built(paths: &[&str]) -> Option<String> {
         .map(|p| artifact(p))
         .find(|p| !p.exists())
         .map(|p| format!("{} is missing: run `make build guest` first", p.display()))
+}
+
+/// A binary of a Go tool set built by `tests/tools/go-tools.sh` (`set` as named in
+/// `go-tools.lock`), or why it cannot be used.
+pub fn go_tool(set: &str, bin: &str) -> Result<PathBuf, String> {
+    let script = workspace_root().join("tests/tools/go-tools.sh");
+    let out = std::process::Command::new(&script)
+        .args(["bin", set])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("needs {set}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(bin);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing from the {set} build", path.display()))
+    }
 }

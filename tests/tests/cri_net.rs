@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
+use wisp_tests::cni::{conflist, delete_bridge, need_cni, BRIDGE, CNI_MTU, GATEWAY, HOST_LOCAL_DIR, NET_NAME, SUBNET};
 use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::cri::{v1 as api, CallError, ContainerConfig, Cri, ExecResult, PodConfig};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
@@ -38,18 +39,8 @@ const DEBUG: &str = "[runtime]\ndebug = true\n";
 /// How long teardown may take to finish after the CRI call returned, under TCG.
 const SETTLE: Duration = Duration::from_secs(120);
 
-/// The CNI network: its name (host-local keeps its reservations in a directory of that
-/// name), the host bridge, the subnet and its gateway (the bridge's address).
-const NET_NAME: &str = "wisp-cri-net";
-const BRIDGE: &str = "wispbr0";
-const SUBNET: &str = "10.88.0.0/24";
-const GATEWAY: &str = "10.88.0.1";
-const CNI_BIN: &str = "/usr/lib/cni";
-const HOST_LOCAL_DIR: &str = "/var/lib/cni/networks";
 /// Where containerd bind-mounts the pods' network namespaces (`cni-<uuid>`).
 const NETNS_DIR: &str = "/var/run/netns";
-/// The MTU the bridge plugin gives a veth when the config names none.
-const CNI_MTU: u64 = 1500;
 
 /// The big transfers (pod A -> pod B, and the wisp vs runc comparison).
 const BIG_MIB: u32 = 64;
@@ -63,50 +54,8 @@ const CYCLES: usize = 20;
 /// How many more open fds containerd may have after the cycles than after the first.
 const FD_SLACK: usize = 4;
 
-/// The network config: a bridge with the gateway on the host side (no masquerading:
-/// nothing leaves the host), host-local addresses with a default route, and loopback.
-fn conflist() -> String {
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": NET_NAME,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": true,
-                "ipMasq": false,
-                "hairpinMode": true,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": SUBNET, "gateway": GATEWAY }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }]
-                }
-            },
-            { "type": "loopback" }
-        ]
-    })
-    .to_string()
-}
-
 fn need_artifacts() -> Option<String> {
     need_built(&["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
-}
-
-/// The CNI plugins and the host tools the checks use.
-fn need_cni() -> Option<String> {
-    for p in ["bridge", "host-local", "loopback"] {
-        let bin = Path::new(CNI_BIN).join(p);
-        if !bin.exists() {
-            return Some(format!("needs {} (Debian package containernetworking-plugins)", bin.display()));
-        }
-    }
-    for (tool, arg, pkg) in [("ip", "-V", "iproute2"), ("tc", "-V", "iproute2"), ("nsenter", "--version", "util-linux")]
-    {
-        if !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()) {
-            return Some(format!("needs `{tool}` on the host (Debian package {pkg})"));
-        }
-    }
-    None
 }
 
 /// The VMM must have its network device (`--net`).
@@ -209,14 +158,6 @@ fn netns_files() -> BTreeSet<String> {
 
 fn state_dirs() -> Vec<PathBuf> {
     std::fs::read_dir(STATE_DIR).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
-}
-
-fn delete_bridge() {
-    if Path::new("/sys/class/net").join(BRIDGE).exists() {
-        if let Err(e) = host(&["ip", "link", "del", BRIDGE]) {
-            eprintln!("cri_net: deleting {BRIDGE}: {e:#}");
-        }
-    }
 }
 
 /// The network namespace path in the sandbox container's spec (containerd's verbose
@@ -333,8 +274,7 @@ struct Env {
 fn env() -> anyhow::Result<Env> {
     // The network and its bridge are this suite's own: what an earlier run left (a case
     // killed halfway) would confuse the checks.
-    let _ = std::fs::remove_dir_all(Path::new(HOST_LOCAL_DIR).join(NET_NAME));
-    delete_bridge();
+    wisp_tests::cni::reset();
     let conf = conflist();
     let c = Containerd::start_with_cni(&wisp_config(DEBUG), &[("10-wisp-cri-net.conflist", &conf)])?;
     let image = c.import_cri_images()?;

@@ -1,0 +1,261 @@
+//! wisp-conformance: critest (cri-tools' CRI validation suite, built by
+//! tests/tools/go-tools.sh) against one containerd's CRI plugin, first with runtime handler
+//! `runc` (the peer), then with `wisp`, and a table of both (`make conformance`; it runs
+//! inside the emulated KVM host through tests/conformance.sh).
+//!
+//!   wisp-conformance --out DIR [--focus REGEX] [--parallel N]
+//!
+//! No network: the images critest's container specs use are built here and imported under
+//! their exact names (a spec pulls an image only when it is missing); the image-service
+//! groups always pull from a registry and are left out for both runtimes (image handling
+//! is containerd's, the same for every runtime). The pods get a CNI bridge network with
+//! the portmap plugin (host ports).
+//!
+//! For wisp, specs a VM runtime cannot or should not pass are skipped with the reason
+//! (`VM_SKIPS`); every other spec runs for both.
+//!
+//! Output: DIR/runc.json and DIR/wisp.json (ginkgo's JSON reports), DIR/table.md (spec,
+//! runc, wisp, and for every wisp skip or failure the reason), DIR/summary.txt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use wisp_tests::containerd::{wisp_config, Containerd, CRI_NAMESPACE};
+use wisp_tests::{cni, go_tool, image};
+
+/// The images critest's container specs use (cri-tools v1.37 `pkg/framework`,
+/// `pkg/validate`), each built from the busybox rootfs with a command of the same
+/// behaviour: (name, command).
+const IMAGES: &[(&str, &[&str])] = &[
+    ("registry.k8s.io/e2e-test-images/busybox:1.29-2", &["sh"]),
+    // A web server on port 80 that keeps its pid where nginx does.
+    (
+        "registry.k8s.io/e2e-test-images/nginx:1.14-2",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /var/run /www && echo '<h1>Welcome to nginx!</h1>' > /www/index.html && \
+             echo $$ > /var/run/nginx.pid && exec httpd -f -p 80 -h /www",
+        ],
+    ),
+    // The host-network web server: port 12003.
+    (
+        "gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo '<h1>Welcome to nginx!</h1>' > /www/index.html && \
+             exec httpd -f -p 12003 -h /www",
+        ],
+    ),
+];
+
+/// Groups left out for both runtimes: they pull images from public registries, and image
+/// handling is containerd's, identical for every runtime.
+const IMAGE_GROUPS: &str = r"Image Manager|Image Consistency|Image Identifier Consistency|Image Volume";
+
+/// Specs wisp skips, with why a VM runtime cannot or should not pass them (regex on the
+/// spec's full text, reason).
+const VM_SKIPS: &[(&str, &str)] = &[
+    (
+        r"[Hh]ost[ -]?[Nn]etwork|HostNetwork|host network",
+        "the pod's processes run in the VM's kernel: they cannot join the host's network namespace",
+    ),
+    (
+        r"[Hh]ost[ -]?PID|HostPID|host pid",
+        "the pod's processes run in the VM's kernel: they cannot share the host's PID namespace",
+    ),
+    (
+        r"[Hh]ost[ -]?IPC|HostIpc|host ipc",
+        "the pod's processes run in the VM's kernel: they cannot share the host's IPC namespace",
+    ),
+];
+
+struct Args {
+    out: PathBuf,
+    focus: Option<String>,
+    parallel: u32,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args { out: wisp_tests::artifact("conformance"), focus: None, parallel: 1 };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--out" => a.out = value("--out")?.into(),
+            "--focus" => a.focus = Some(value("--focus")?),
+            "--parallel" => {
+                let v = value("--parallel")?;
+                a.parallel =
+                    v.parse().ok().filter(|n| *n >= 1).with_context(|| format!("--parallel {v:?}: not a count"))?;
+            }
+            other => {
+                bail!("unknown argument {other:?} (usage: wisp-conformance --out DIR [--focus REGEX] [--parallel N])")
+            }
+        }
+    }
+    Ok(a)
+}
+
+fn conflist() -> anyhow::Result<String> {
+    let mut v: Value = serde_json::from_str(&cni::conflist())?;
+    v["plugins"]
+        .as_array_mut()
+        .context("conflist plugins")?
+        .push(serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+    Ok(v.to_string())
+}
+
+/// One spec's result in a ginkgo JSON report: (state, failure message).
+fn results(report: &Path) -> anyhow::Result<BTreeMap<String, (String, String)>> {
+    let text = std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", report.display()))?;
+    let mut out = BTreeMap::new();
+    for suite in v.as_array().into_iter().flatten() {
+        for spec in suite["SpecReports"].as_array().into_iter().flatten() {
+            if spec["LeafNodeType"] != "It" {
+                continue;
+            }
+            let mut name: Vec<String> = spec["ContainerHierarchyTexts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect();
+            name.push(spec["LeafNodeText"].as_str().unwrap_or_default().to_string());
+            let state = spec["State"].as_str().unwrap_or("unknown").to_string();
+            let msg = spec["Failure"]["Message"].as_str().unwrap_or_default();
+            let msg = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
+            out.insert(name.join(" "), (state, msg));
+        }
+    }
+    Ok(out)
+}
+
+/// The reason of a wisp skip, if the spec is one of `VM_SKIPS`.
+fn vm_skip_reason(spec: &str) -> Option<&'static str> {
+    VM_SKIPS.iter().find(|(re, _)| matches(re, spec)).map(|(_, why)| *why)
+}
+
+/// Whether ginkgo's regex `pattern` (Go RE2 syntax; these use none of its differences
+/// from the regex crate) matches `text`.
+fn matches(pattern: &str, text: &str) -> bool {
+    regex::Regex::new(pattern).map(|r| r.is_match(text)).unwrap_or(false)
+}
+
+fn run_critest(c: &Containerd, args: &Args, handler: &str, skip: &str) -> anyhow::Result<PathBuf> {
+    let critest = go_tool("cri-tools", "critest").map_err(anyhow::Error::msg)?;
+    let endpoint = format!("unix://{}", c.socket.display());
+    let report = args.out.join(format!("{handler}.json"));
+    let mut cmd = Command::new(&critest);
+    cmd.arg(format!("-runtime-endpoint={endpoint}"))
+        .arg(format!("-image-endpoint={endpoint}"))
+        .arg(format!("-runtime-handler={handler}"))
+        .arg(format!("-parallel={}", args.parallel))
+        .arg(format!("-ginkgo.skip={skip}"))
+        .arg(format!("-ginkgo.json-report={}", report.display()))
+        .arg("-ginkgo.timeout=4h")
+        .arg("-ginkgo.no-color");
+    if let Some(f) = &args.focus {
+        cmd.arg(format!("-ginkgo.focus={f}"));
+    }
+    let t = Instant::now();
+    eprintln!("conformance: critest with handler {handler} (skip: {skip})");
+    let log = std::fs::File::create(args.out.join(format!("{handler}.log")))?;
+    let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running critest")?;
+    eprintln!(
+        "conformance: critest {handler} ended ({status}) after {:.0} s; its output: {}",
+        t.elapsed().as_secs_f64(),
+        args.out.join(format!("{handler}.log")).display()
+    );
+    if !report.exists() {
+        bail!("critest {handler} wrote no report ({status}); see {handler}.log");
+    }
+    Ok(report)
+}
+
+fn short(state: &str) -> &str {
+    match state {
+        "passed" => "pass",
+        "failed" | "panicked" | "timedout" | "interrupted" | "aborted" => "FAIL",
+        "skipped" | "pending" => "skip",
+        other => other,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    std::fs::create_dir_all(&args.out)?;
+    cni::reset();
+    let c = Containerd::start_with_cni(&wisp_config(""), &[("10-wisp-cri-net.conflist", &conflist()?)])?;
+    eprintln!("conformance: containerd {}", c.build.version);
+    c.import_cri_images()?;
+    let scratch = tempfile::tempdir()?;
+    for (name, cmd) in IMAGES {
+        let archive = scratch.path().join("image.tar");
+        image::build_image(&archive, name, cmd)?;
+        c.import(CRI_NAMESPACE, &archive, name)?;
+    }
+    // The CRI plugin learns of the images and the network asynchronously.
+    std::thread::sleep(Duration::from_secs(5));
+
+    let vm_skip: Vec<&str> = VM_SKIPS.iter().map(|(re, _)| *re).collect();
+    let runc = results(&run_critest(&c, &args, "runc", IMAGE_GROUPS)?)?;
+    let wisp = results(&run_critest(&c, &args, "wisp", &format!("{IMAGE_GROUPS}|{}", vm_skip.join("|")))?)?;
+    drop(c);
+    cni::delete_bridge();
+
+    let mut table = String::from("| spec | runc | wisp | reason (wisp skip or failure) |\n| --- | --- | --- | --- |\n");
+    let mut counts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut specs: Vec<&String> = runc.keys().chain(wisp.keys()).collect();
+    specs.sort();
+    specs.dedup();
+    for spec in specs {
+        let (rs, _) = runc.get(spec).map(|(s, m)| (short(s), m.as_str())).unwrap_or(("-", ""));
+        let (ws, wm) = wisp.get(spec).map(|(s, m)| (short(s), m.as_str())).unwrap_or(("-", ""));
+        *counts.entry(("runc", rs)).or_default() += 1;
+        *counts.entry(("wisp", ws)).or_default() += 1;
+        let image_group = matches(IMAGE_GROUPS, spec);
+        let reason = match ws {
+            "skip" if image_group => {
+                "image service: containerd's, the same for every runtime (needs a registry)".to_string()
+            }
+            "skip" => vm_skip_reason(spec).map(str::to_string).unwrap_or_else(|| format!("skipped by critest: {wm}")),
+            "FAIL" => wm.replace('|', "\\|"),
+            _ => String::new(),
+        };
+        table += &format!("| {} | {rs} | {ws} | {reason} |\n", spec.replace('|', "\\|"));
+    }
+    let summary: Vec<String> = ["runc", "wisp"]
+        .iter()
+        .map(|r| {
+            let n = |s| counts.get(&(*r, s)).copied().unwrap_or(0);
+            format!("{r}: {} passed, {} failed, {} skipped", n("pass"), n("FAIL"), n("skip"))
+        })
+        .collect();
+    std::fs::write(args.out.join("table.md"), &table)?;
+    std::fs::write(args.out.join("summary.txt"), summary.join("\n") + "\n")?;
+    println!("{table}");
+    for s in &summary {
+        println!("conformance: {s}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_patterns_match_the_specs_they_name() {
+        assert!(vm_skip_reason("Security Context NamespaceOption runtime should support HostPID").is_some());
+        assert!(vm_skip_reason("PodSandbox runtime should support host network").is_some());
+        assert!(vm_skip_reason("Container runtime should support basic operations on container").is_none());
+        assert!(matches(IMAGE_GROUPS, "[k8s.io] Image Manager public image with tag should be pulled"));
+    }
+}

@@ -51,6 +51,8 @@ impl StdioPaths {
 pub struct ProcessIo {
     stdin_stream: Arc<Mutex<Option<UnixStream>>>,
     stdin_fifo: Option<PathBuf>,
+    /// Set by CloseIO: the stdin copier ends once the FIFO is drained.
+    stdin_closing: Arc<std::sync::atomic::AtomicBool>,
     outputs: Vec<JoinHandle<()>>,
     input: Option<JoinHandle<()>>,
 }
@@ -112,13 +114,27 @@ fn copy_out(mut from: UnixStream, to: &str, what: String) -> JoinHandle<()> {
     })
 }
 
-fn copy_in(path: String, stream: Arc<Mutex<Option<UnixStream>>>, what: String) -> JoinHandle<()> {
+/// How often the stdin copier looks at its `closing` flag while the FIFO is idle.
+const STDIN_IDLE_CHECK: Duration = Duration::from_millis(50);
+
+/// Copies the stdin FIFO into the stream until the FIFO's writers are gone, or until
+/// `closing` is set (CloseIO) and the FIFO holds nothing more: what the client wrote
+/// before CloseIO still reaches the process. Then the stream is half-closed (EOF).
+fn copy_in(
+    path: String,
+    stream: Arc<Mutex<Option<UnixStream>>>,
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    what: String,
+) -> JoinHandle<()> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
     std::thread::spawn(move || {
         // Blocks until containerd opens the write side; `close_stdin` unblocks it.
         let mut fifo = match OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&path) {
             Ok(f) => f,
             Err(e) => {
                 log::warn!("{what}: cannot open {path}: {e}");
+                half_close(&stream);
                 return;
             }
         };
@@ -128,6 +144,22 @@ fn copy_in(path: String, stream: Arc<Mutex<Option<UnixStream>>>, what: String) -
         };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
+            let mut pfd = libc::pollfd { fd: fifo.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll(2) on one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, STDIN_IDLE_CHECK.as_millis() as libc::c_int) };
+            if ready < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break;
+            }
+            if ready == 0 {
+                // Nothing buffered: after CloseIO that is the end of the input.
+                if closing.load(Ordering::Acquire) {
+                    break;
+                }
+                continue;
+            }
             match fifo.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -172,34 +204,46 @@ impl ProcessIo {
             *stdin_stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
         } else {
             if !paths.stdout.is_empty() {
-                outputs.push(copy_out(open_stream(vsock, container, exec, StreamKind::Stdout)?, &paths.stdout, what("stdout")));
+                outputs.push(copy_out(
+                    open_stream(vsock, container, exec, StreamKind::Stdout)?,
+                    &paths.stdout,
+                    what("stdout"),
+                ));
             }
             if !paths.stderr.is_empty() {
-                outputs.push(copy_out(open_stream(vsock, container, exec, StreamKind::Stderr)?, &paths.stderr, what("stderr")));
+                outputs.push(copy_out(
+                    open_stream(vsock, container, exec, StreamKind::Stderr)?,
+                    &paths.stderr,
+                    what("stderr"),
+                ));
             }
             if !paths.stdin.is_empty() {
                 *stdin_stream.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(open_stream(vsock, container, exec, StreamKind::Stdin)?);
             }
         }
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if !paths.stdin.is_empty() {
-            input = Some(copy_in(paths.stdin.clone(), stdin_stream.clone(), what("stdin")));
+            input = Some(copy_in(paths.stdin.clone(), stdin_stream.clone(), closing.clone(), what("stdin")));
             stdin_fifo = Some(PathBuf::from(&paths.stdin));
         }
-        Ok(Self { stdin_stream, stdin_fifo, outputs, input })
+        Ok(Self { stdin_stream, stdin_fifo, stdin_closing: closing, outputs, input })
     }
 
-    /// Stdin EOF for the process: half-closes the stream and releases the FIFO reader.
+    /// Stdin EOF for the process (CloseIO): the copier forwards what the FIFO still
+    /// holds, then half-closes the stream. Without a copier the stream closes now.
     pub fn close_stdin(&mut self) {
-        half_close(&self.stdin_stream);
+        self.stdin_closing.store(true, std::sync::atomic::Ordering::Release);
         if let Some(f) = self.stdin_fifo.take() {
             // A reader still blocked in open() gets its writer and then EOF.
             let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&f);
         }
-        if let Some(t) = self.input.take() {
-            if t.is_finished() {
+        match self.input.take() {
+            Some(t) if t.is_finished() => {
                 let _ = t.join();
             }
+            Some(t) => self.input = Some(t),
+            None => half_close(&self.stdin_stream),
         }
     }
 
@@ -258,7 +302,7 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
         let stream = Arc::new(Mutex::new(Some(a)));
-        let t = copy_in(fifo.display().to_string(), stream, "t".into());
+        let t = copy_in(fifo.display().to_string(), stream, Arc::default(), "t".into());
         let mut w = OpenOptions::new().write(true).open(&fifo).unwrap();
         w.write_all(b"input").unwrap();
         drop(w);
@@ -266,5 +310,26 @@ mod tests {
         b.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"input");
         t.join().unwrap();
+    }
+
+    #[test]
+    fn close_io_forwards_what_was_written_before_it() {
+        // The client wrote and keeps its FIFO end open, then sends CloseIO: the
+        // process must still get the bytes, then EOF (crictl exec -i did lose them).
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("in");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let stream = Arc::new(Mutex::new(Some(a)));
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = copy_in(fifo.display().to_string(), stream, closing.clone(), "t".into());
+        let mut w = OpenOptions::new().write(true).open(&fifo).unwrap();
+        w.write_all(b"interactive\n").unwrap();
+        closing.store(true, std::sync::atomic::Ordering::Release);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"interactive\n");
+        t.join().unwrap();
+        drop(w);
     }
 }

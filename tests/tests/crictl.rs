@@ -19,7 +19,7 @@ use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::BUSYBOX_IMAGE;
 use wisp_tests::process::output_within;
 use wisp_tests::procs::{all_vmm_pids, host_kernel, mounts_under, shim_pids, vmm_pids, STATE_DIR};
-use wisp_tests::rootfs::{need_busybox, HOST_BUSYBOX};
+use wisp_tests::rootfs::need_busybox;
 use wisp_tests::{ensure_that, go_tool, need_built, skip_unless};
 
 const DEBUG: &str = "[runtime]\ndebug = true\n";
@@ -142,13 +142,15 @@ impl Env {
     fn pod(&self, name: &str, own_netns: bool) -> anyhow::Result<String> {
         let logs = self.scratch.path().join("logs").join(name);
         std::fs::create_dir_all(&logs)?;
+        // A cgroup parent as the kubelet gives every pod (containerd reads the pod's
+        // stats for `statsp` from it: on the host, where wisp's VMM runs).
         let mut pod = json!({
             "metadata": {"name": name, "namespace": "wisp-test", "uid": format!("{name}-uid"), "attempt": 1},
             "log_directory": logs,
-            "linux": {}
+            "linux": {"cgroup_parent": format!("/wisp-crictl/{name}")}
         });
         if !own_netns {
-            pod["linux"] = json!({"security_context": {"namespace_options": {"network": 2}}});
+            pod["linux"]["security_context"] = json!({"namespace_options": {"network": 2}});
         } else {
             pod["hostname"] = json!(name);
         }
@@ -255,7 +257,7 @@ fn walkthrough() -> CaseResult {
 
     let p = e.json(&["inspectp", &sid])?;
     ensure_that!(p["status"]["state"] == "SANDBOX_READY", "inspectp state: {}", p["status"]["state"]);
-    ensure_that!(p["info"]["runtimeHandler"] == "wisp", "inspectp runtimeHandler: {}", p["info"]["runtimeHandler"]);
+    ensure_that!(p["status"]["runtimeHandler"] == "wisp", "inspectp status.runtimeHandler: {}", p["status"]);
     ensure_that!(
         p["info"]["runtimeType"] == "io.containerd.wisp.v2",
         "inspectp runtimeType: {}",
@@ -280,16 +282,22 @@ fn walkthrough() -> CaseResult {
     let kernel = e.ok(&["exec", &cid, "uname", "-r"])?;
     let host = host_kernel()?;
     ensure_that!(!kernel.is_empty() && kernel != host, "crictl exec uname -r: {kernel:?} (host {host:?})");
+    // crictl exits 1 and names the command's exit code (as it does for runc).
     let three = e.crictl(&["exec", &cid, "sh", "-c", "echo out; exit 3"], None)?;
     ensure_that!(
-        three.code == 3 && three.stdout.contains("out"),
+        three.code != 0 && three.stdout.contains("out") && three.stderr.contains("exit code 3"),
         "exec exit 3: {} {:?} {:?}",
         three.code,
         three.stdout,
         three.stderr
     );
     let sync = e.crictl(&["exec", "--sync", "--timeout", "60", &cid, "sh", "-c", "exit 4"], None)?;
-    ensure_that!(sync.code == 4, "exec --sync exit 4: {} {:?}", sync.code, sync.stderr);
+    ensure_that!(
+        sync.code != 0 && sync.stderr.contains("exited with 4"),
+        "exec --sync exit 4: {} {:?}",
+        sync.code,
+        sync.stderr
+    );
 
     // logs: both streams, and --tail.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -348,8 +356,22 @@ fn attach_and_interactive_exec() -> CaseResult {
     e.wait_state(&cid2, "CONTAINER_RUNNING")?;
     let echoed = e.ok_with(&["exec", "-i", &cid2, "sh", "-c", "tr a-z A-Z"], Some(b"interactive\n"))?;
     ensure_that!(echoed == "INTERACTIVE", "exec -i: {echoed:?}");
-    let tty = e.ok_with(&["exec", "-it", &cid2, "sh", "-c", "test -t 0 && test -t 1 && echo tty-ok"], Some(b""))?;
-    ensure_that!(tty.contains("tty-ok"), "exec -it has no terminal: {tty:?}");
+    // -it wants a terminal on crictl's side too: script(1) gives it one.
+    let line = format!(
+        "{} --config {} exec -it {cid2} sh -c 'test -t 0 && test -t 1 && echo tty-ok'",
+        e.crictl.display(),
+        e.config.display()
+    );
+    eprintln!("+ script -qec \"{line}\" /dev/null");
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]);
+    let tty = output_within(&mut script, Some(b""), TIMEOUT)?;
+    let text = String::from_utf8_lossy(&tty.stdout);
+    ensure_that!(
+        text.contains("tty-ok"),
+        "exec -it has no terminal: {text:?} {:?}",
+        String::from_utf8_lossy(&tty.stderr)
+    );
     e.remove_pod(&sid)?;
     e.pass()
 }
@@ -377,14 +399,37 @@ fn pod_network_and_default_sysctls() -> CaseResult {
     }
     let ip = e.json(&["inspectp", &sid])?["status"]["network"]["ip"].as_str().unwrap_or_default().to_string();
     ensure_that!(ip.starts_with("10.88.0."), "pod address: {ip:?}");
-    let body = std::process::Command::new(HOST_BUSYBOX)
-        .args(["wget", "-q", "-O", "-", "-T", "30", &format!("http://{ip}:8080/index.html")])
-        .output();
-    let body = body.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    ensure_that!(body.trim() == "served", "http://{ip}:8080 from the host: {body:?}");
+    // The server may still be starting: ask until it answers.
+    let url = format!("http://{ip}:8080/index.html");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = http_get(&ip, 8080, "/index.html");
+        if got.as_ref().is_ok_and(|b| b.trim() == "served") {
+            break;
+        }
+        if Instant::now() > deadline {
+            let inside = e.crictl(&["exec", &cid, "sh", "-c", "netstat -ltn; ps; ip addr"], None)?;
+            bail!("{url} from the host: {got:?}; in the container: {:?} {:?}", inside.stdout, inside.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     e.remove_pod(&sid)?;
     wisp_tests::cni::delete_bridge();
     e.pass()
+}
+
+/// The body of `GET path` from `ip:port` (HTTP/1.0, at most 10 s).
+fn http_get(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").with_context(|| format!("no HTTP reply: {reply:?}"))?;
+    ensure_that!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "HTTP status: {head:?}");
+    Ok(body.to_string())
 }
 
 fn main() {

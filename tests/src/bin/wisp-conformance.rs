@@ -156,11 +156,15 @@ fn run_critest(c: &Containerd, args: &Args, handler: &str, skip: &str) -> anyhow
     cmd.arg(format!("-runtime-endpoint={endpoint}"))
         .arg(format!("-image-endpoint={endpoint}"))
         .arg(format!("-runtime-handler={handler}"))
-        .arg(format!("-parallel={}", args.parallel))
         .arg(format!("-ginkgo.skip={skip}"))
         .arg(format!("-ginkgo.json-report={}", report.display()))
         .arg("-ginkgo.timeout=4h")
         .arg("-ginkgo.no-color");
+    // Ginkgo refuses go test's own -parallel flag; critest's -parallel N (N > 1) runs
+    // ginkgo nodes.
+    if args.parallel > 1 {
+        cmd.arg(format!("-parallel={}", args.parallel));
+    }
     if let Some(f) = &args.focus {
         cmd.arg(format!("-ginkgo.focus={f}"));
     }

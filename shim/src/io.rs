@@ -24,6 +24,8 @@ use wisp_protocols::{hybrid_vsock, AGENT_STDIO_PORT};
 pub enum IoError {
     #[error("stdio stream {kind:?} of {container}/{exec}: {reason}")]
     Stream { container: String, exec: String, kind: StreamKind, reason: String },
+    #[error("{0}")]
+    Logger(String),
 }
 
 /// containerd's stdio paths for a process ("" = not connected).
@@ -82,10 +84,20 @@ fn open_output(path: &str) -> std::io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
 }
 
-fn copy_out(mut from: UnixStream, to: &str, what: String) -> JoinHandle<()> {
-    let to = to.to_string();
+/// Where a process's output goes: containerd's FIFO or a `file://` path, or a pipe
+/// to a `binary://` logging program (`logger.rs`).
+enum Output {
+    Path(String),
+    Pipe(File),
+}
+
+fn copy_out(mut from: UnixStream, to: Output, what: String) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut out = match open_output(&to) {
+        let (opened, to) = match to {
+            Output::Path(p) => (open_output(&p), p),
+            Output::Pipe(f) => (Ok(f), "the logging program".to_string()),
+        };
+        let mut out = match opened {
             Ok(f) => f,
             Err(e) => {
                 log::warn!("{what}: cannot open {to}: {e}; output is dropped");
@@ -184,9 +196,26 @@ fn half_close(stream: &Arc<Mutex<Option<UnixStream>>>) {
 impl ProcessIo {
     /// Opens the streams a process needs and starts copying. Call right after the
     /// agent created the process, before it starts.
-    pub fn attach(vsock: &Path, container: &str, exec: &str, paths: &StdioPaths) -> Result<Self, IoError> {
+    pub fn attach(
+        vsock: &Path,
+        container: &str,
+        exec: &str,
+        paths: &StdioPaths,
+        namespace: &str,
+    ) -> Result<Self, IoError> {
         let what = |k: &str| format!("{container}/{exec} {k}");
         let mut outputs = Vec::new();
+        // A `binary://` stdout (containerd passes the same URI as stderr) starts the
+        // logging program before the process, and both streams go to it.
+        let (out_to, err_to) = match crate::logger::BinaryUri::parse(&paths.stdout) {
+            Some(uri) => {
+                let logger = uri
+                    .and_then(|u| crate::logger::start(&u, container, namespace))
+                    .map_err(|e| IoError::Logger(e.to_string()))?;
+                (Output::Pipe(logger.stdout), Output::Pipe(logger.stderr))
+            }
+            None => (Output::Path(paths.stdout.clone()), Output::Path(paths.stderr.clone())),
+        };
         let stdin_stream = Arc::new(Mutex::new(None));
         let mut input = None;
         let mut stdin_fifo = None;
@@ -199,21 +228,21 @@ impl ProcessIo {
                     kind: StreamKind::Tty,
                     reason: e.to_string(),
                 })?;
-                outputs.push(copy_out(r, &paths.stdout, what("tty")));
+                outputs.push(copy_out(r, out_to, what("tty")));
             }
             *stdin_stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
         } else {
             if !paths.stdout.is_empty() {
                 outputs.push(copy_out(
                     open_stream(vsock, container, exec, StreamKind::Stdout)?,
-                    &paths.stdout,
+                    out_to,
                     what("stdout"),
                 ));
             }
             if !paths.stderr.is_empty() {
                 outputs.push(copy_out(
                     open_stream(vsock, container, exec, StreamKind::Stderr)?,
-                    &paths.stderr,
+                    err_to,
                     what("stderr"),
                 ));
             }
@@ -288,7 +317,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let (mut a, b) = UnixStream::pair().unwrap();
-        let t = copy_out(b, &format!("file://{}", out.display()), "t".into());
+        let t = copy_out(b, Output::Path(format!("file://{}", out.display())), "t".into());
         a.write_all(b"hello\n").unwrap();
         drop(a);
         t.join().unwrap();

@@ -7,9 +7,11 @@ mod cgroup;
 mod cleanup;
 mod container;
 mod events;
+mod hooks;
 mod hostfs;
 mod info;
 mod io;
+mod logger;
 mod metrics;
 mod mounts;
 mod network;
@@ -28,7 +30,8 @@ fn main() {
         info::run();
     }
     let config = containerd_shim::Config {
-        // The shim waits for its own child (the VMM); nothing else forks.
+        // The shim waits for each child it starts itself (the VMM, hooks, logging
+        // programs): no reaper thread may take their exit statuses.
         no_reaper: true,
         ..Default::default()
     };

@@ -51,7 +51,9 @@ pub fn to_metrics(s: &StatsContainerResponse) -> Metrics {
     if let Some(p) = s.pids.as_ref() {
         m.pids = protobuf::MessageField::some(PidsStat { current: p.current, limit: p.limit, ..Default::default() });
     }
-    if !s.io.is_empty() {
+    // Always present, as in a cgroup v2 runc reads: no entries when the guest reported
+    // no device IO (clients such as `nerdctl stats` read it unconditionally).
+    {
         let usage = s
             .io
             .iter()
@@ -91,6 +93,7 @@ mod tests {
         assert_eq!(m.memory.usage, 4096);
         assert_eq!(m.memory_events.oom_kill, 1);
         assert!(m.pids.is_none());
+        assert!(m.io.is_some() && m.io.usage.is_empty(), "io present, without entries: {:?}", m.io);
         let any = to_any(&m).unwrap();
         assert_eq!(any.type_url, METRICS_TYPE_URL);
         assert_eq!(Metrics::parse_from_bytes(&any.value).unwrap().cpu.usage_usec, 42);

@@ -25,6 +25,7 @@ use wisp_protocols::agent;
 use crate::agent::{call_error, Agent};
 use crate::container::{Action, Container, Exit, Process, Status};
 use crate::events::EventSink;
+use crate::hooks::{Hooks, PodHooks};
 use crate::io::{ProcessIo, StdioPaths};
 use crate::mounts::ContainerMounts;
 use crate::network::{self, PodNetwork};
@@ -65,6 +66,9 @@ struct Guest {
     grace: Duration,
     /// The taps and tc plumbing in the pod's network namespace, if it has one.
     net: Option<PodNetwork>,
+    /// The spec's host-side hooks (`poststop` to run) and the network namespace the
+    /// shim made for them, if any.
+    hooks: Option<PodHooks>,
     /// The share's skeleton and the guest's read-only view of it.
     share: Arc<Share>,
 }
@@ -86,15 +90,16 @@ const OOM_EVENTS_BURST: u32 = 20;
 struct Booting {
     paths: SandboxPaths,
     net: Option<PodNetwork>,
+    hooks: Option<PodHooks>,
     vm: Option<Arc<VmmProcess>>,
     armed: bool,
 }
 
 impl Booting {
-    /// Boot succeeded: nothing is undone; the network is the sandbox's now.
-    fn finish(mut self) -> Option<PodNetwork> {
+    /// Boot succeeded: nothing is undone; the network and hooks are the sandbox's now.
+    fn finish(mut self) -> (Option<PodNetwork>, Option<PodHooks>) {
         self.armed = false;
-        self.net.take()
+        (self.net.take(), self.hooks.take())
     }
 }
 
@@ -108,6 +113,9 @@ impl Drop for Booting {
         }
         if let Some(mut net) = self.net.take() {
             net.teardown();
+        }
+        if let Some(h) = self.hooks.take() {
+            h.finish();
         }
         remove_state_dir(&self.paths.dir);
     }
@@ -123,6 +131,8 @@ struct State {
 
 pub struct Sandbox {
     pub id: String,
+    /// containerd's namespace of the shim's tasks (for `binary://` logging programs).
+    namespace: String,
     events: Arc<dyn EventSink>,
     state: Mutex<State>,
     me: Weak<Sandbox>,
@@ -140,8 +150,20 @@ pub struct CreateRequest {
 }
 
 impl Sandbox {
-    pub fn new(id: &str, events: Arc<dyn EventSink>, done: Arc<crate::container::ExitCell>) -> Arc<Self> {
-        Arc::new_cyclic(|me| Self { id: id.into(), events, state: Mutex::new(State::default()), me: me.clone(), done })
+    pub fn new(
+        id: &str,
+        namespace: &str,
+        events: Arc<dyn EventSink>,
+        done: Arc<crate::container::ExitCell>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            id: id.into(),
+            namespace: namespace.into(),
+            events,
+            state: Mutex::new(State::default()),
+            me: me.clone(),
+            done,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -159,8 +181,9 @@ impl Sandbox {
 
     // ---- the VM ----
 
-    fn boot(&self, config: Config, spec: &BundleSpec) -> Result<(), TaskError> {
-        let netns = network::netns_path(&spec.json).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+    fn boot(&self, config: Config, spec: &BundleSpec, bundle: &Path) -> Result<(), TaskError> {
+        let mut netns = network::netns_path(&spec.json).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let hooks = Hooks::from_spec(&spec.json).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let paths = SandboxPaths::new(&config.runtime.state_dir, &self.id);
         if paths.dir.exists() {
             return Err(TaskError::AlreadyExists(format!(
@@ -186,8 +209,19 @@ impl Sandbox {
             }
         })?;
         // From here on, dropping `b` undoes everything done so far.
-        let mut b = Booting { paths: paths.clone(), net: None, vm: None, armed: true };
+        let mut b = Booting { paths: paths.clone(), net: None, hooks: None, vm: None, armed: true };
         let share = Arc::new(Share::create(&paths.dir).map_err(|e| internal(format!("setting up the share: {e}")))?);
+        if !hooks.is_empty() {
+            // A fresh network namespace is made here only for hooks to set up (nerdctl's
+            // CNI); without hooks such a pod has loopback only, as before.
+            let netns_at = netns.is_none().then(|| paths.dir.join("netns"));
+            let h = PodHooks::start(hooks, &self.id, bundle, &spec.json, netns_at.as_deref())
+                .map_err(|e| internal(format!("running the spec's hooks: {e}")))?;
+            if let Some(ns) = h.netns() {
+                netns = Some(ns.to_path_buf());
+            }
+            b.hooks = Some(h);
+        }
         if let Some(netns) = &netns {
             b.net = Some(PodNetwork::setup(netns).map_err(|e| internal(format!("setting up the pod network: {e}")))?);
         }
@@ -239,9 +273,9 @@ impl Sandbox {
         if let Some(net) = &b.net {
             configure_guest_network(&agent, net)?;
         }
-        let net = b.finish();
+        let (net, hooks) = b.finish();
         let grace = config.runtime.shutdown_grace();
-        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace, net, share });
+        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace, net, hooks, share });
         self.watch_oom(agent);
         Ok(())
     }
@@ -335,6 +369,10 @@ impl Sandbox {
             if let Some(mut net) = g.net {
                 net.teardown();
             }
+            // poststop (CNI DEL for nerdctl) after our plumbing left the namespace.
+            if let Some(h) = g.hooks {
+                h.finish();
+            }
             // Our fds on the share go first, so its view unmounts without a lazy detach.
             drop(g.share);
             remove_state_dir(&g.paths.dir);
@@ -358,7 +396,13 @@ impl Sandbox {
             let config = crate::options::sandbox_config(req.config_path.clone(), &spec.annotations())
                 .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
             config.check_host_files().map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
-            self.boot(config, &spec)?;
+            self.boot(config, &spec, Path::new(&req.bundle))?;
+        } else if Hooks::from_spec(&spec.json).is_ok_and(|h| !h.is_empty()) {
+            log::warn!(
+                "container {}: the hooks in its spec are not run: wisp runs a pod's host-side hooks \
+                 (createRuntime, poststop) for its sandbox container only",
+                req.id
+            );
         }
         let result = self.create_in_guest(&req, &spec);
         if result.is_err() && first {
@@ -390,7 +434,7 @@ impl Sandbox {
             .client
             .create_container(agent.ctx(), &creq)
             .map_err(|e| TaskError::InvalidArgument(call_error("CreateContainer", e).to_string()))?;
-        let io = match ProcessIo::attach(&vsock, &req.id, "", &req.stdio) {
+        let io = match ProcessIo::attach(&vsock, &req.id, "", &req.stdio, &self.namespace) {
             Ok(io) => io,
             Err(e) => {
                 let rm = agent::RemoveContainerRequest {
@@ -508,7 +552,7 @@ impl Sandbox {
                 .map_err(|e| TaskError::InvalidArgument(call_error("ExecProcess", e).to_string()))?
                 .pid;
             let vsock = self.lock().guest.as_ref().map(|g| g.paths.vsock()).unwrap_or_default();
-            let io = ProcessIo::attach(&vsock, cid, eid, &stdio).map_err(internal)?;
+            let io = ProcessIo::attach(&vsock, cid, eid, &stdio, &self.namespace).map_err(internal)?;
             self.with_process(cid, eid, |p| {
                 p.io = Some(Arc::new(Mutex::new(io)));
                 Ok(())
@@ -864,7 +908,7 @@ mod tests {
 
     fn sandbox() -> (Arc<Sandbox>, Arc<Recorded>) {
         let events = Arc::new(Recorded::default());
-        (Sandbox::new("sb", events.clone(), Arc::default()), events)
+        (Sandbox::new("sb", "ns", events.clone(), Arc::default()), events)
     }
 
     fn request(dir: &Path, id: &str, annotations: serde_json::Value) -> CreateRequest {

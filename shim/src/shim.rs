@@ -72,6 +72,6 @@ impl containerd_shim::Shim for WispShim {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let events = Arc::new(RemoteEvents::new(publisher, &self.namespace));
-        TaskService { sandbox: Sandbox::new(&self.id, events, self.done.clone()) }
+        TaskService { sandbox: Sandbox::new(&self.id, &self.namespace, events, self.done.clone()) }
     }
 }

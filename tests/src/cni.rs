@@ -75,3 +75,22 @@ pub fn reset() {
     let _ = std::fs::remove_dir_all(Path::new(HOST_LOCAL_DIR).join(NET_NAME));
     delete_bridge();
 }
+
+/// The body of `GET path` from `ip:port` (HTTP/1.0, at most 10 s a step): how the
+/// suites reach a pod's web server from the host.
+pub fn http_get(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").with_context(|| format!("no HTTP reply: {reply:?}"))?;
+    if !(head.starts_with("HTTP/1.") && head.contains(" 200 ")) {
+        anyhow::bail!("HTTP status: {head:?}");
+    }
+    Ok(body.to_string())
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use wisp_tests::cni::{conflist, need_cni};
+use wisp_tests::cni::{conflist, http_get, need_cni};
 use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::BUSYBOX_IMAGE;
@@ -416,20 +416,6 @@ fn pod_network_and_default_sysctls() -> CaseResult {
     e.remove_pod(&sid)?;
     wisp_tests::cni::delete_bridge();
     e.pass()
-}
-
-/// The body of `GET path` from `ip:port` (HTTP/1.0, at most 10 s).
-fn http_get(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
-    let (head, body) = reply.split_once("\r\n\r\n").with_context(|| format!("no HTTP reply: {reply:?}"))?;
-    ensure_that!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "HTTP status: {head:?}");
-    Ok(body.to_string())
 }
 
 fn main() {

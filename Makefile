@@ -20,7 +20,7 @@ STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 AGENT_ENV := RUSTFLAGS='$(STATIC_RUSTFLAGS)' LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e conformance bench demo clean
+.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e conformance conformance-smoke bench demo clean
 
 all: build guest
 
@@ -90,9 +90,9 @@ uninstall:
 	-rmdir $(DESTDIR)$(SHAREDIR) 2>/dev/null
 	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.toml in place (remove it by hand if unwanted)"
 
-# Everything CI runs: unit tests, host integration tests, then the end-to-end suite in
-# the emulated KVM host.
-test: build guest unit e2e
+# Everything CI runs: unit tests, host integration tests, the end-to-end suites in the
+# emulated KVM host (containerd 1.6 and 2.x), and critest's smoke subset (runc vs wisp).
+test: build guest unit e2e conformance-smoke
 
 # Tests that need root are #[ignore]d (libtest cannot report a skip); as root they run.
 unit:
@@ -108,6 +108,9 @@ e2e: build guest tools
 # KVM host; the table goes to target/conformance/table.md.
 conformance: build guest tools
 	tests/conformance.sh
+
+conformance-smoke: build guest tools
+	tests/conformance.sh --smoke
 
 # wisp vs a peer in the same run (median of WISP_BENCH_N runs, default 5, interleaved), in the
 # emulated KVM host; the table goes to target/bench/report.md and report.json.

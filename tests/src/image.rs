@@ -120,7 +120,13 @@ pub fn build_image_with(out: &Path, name: &str, cmd: &[&str], extra: &[(&str, &P
         std::fs::copy(from, &to).with_context(|| format!("copying {} into the image", from.display()))?;
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(*mode))?;
     }
-    let tar = layer_tar(rootfs.path()).context("packing the busybox layer")?;
+    pack_image(out, name, cmd, rootfs.path())
+}
+
+/// Writes an OCI image archive of the root filesystem in `root` (one layer) to `out`,
+/// tagged `name`, whose command is `cmd`. Returns the manifest digest.
+pub fn pack_image(out: &Path, name: &str, cmd: &[&str], root: &Path) -> anyhow::Result<String> {
+    let tar = layer_tar(root).context("packing the image's layer")?;
     let diff_id = sha256_hex(&tar);
     let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
     gz.write_all(&tar)?;

@@ -28,31 +28,102 @@ use wisp_tests::containerd::{wisp_config, Containerd, CRI_NAMESPACE};
 use wisp_tests::{cni, go_tool, image};
 
 /// The images critest's container specs use (cri-tools v1.37 `pkg/framework`,
-/// `pkg/validate`), each built from the busybox rootfs with a command of the same
-/// behaviour: (name, command).
-const IMAGES: &[(&str, &[&str])] = &[
-    ("registry.k8s.io/e2e-test-images/busybox:1.29-2", &["sh"]),
-    // A web server on port 80 that keeps its pid where nginx does.
-    (
-        "registry.k8s.io/e2e-test-images/nginx:1.14-2",
-        &[
-            "sh",
-            "-c",
-            "mkdir -p /var/run /www && echo '<h1>Welcome to nginx!</h1>' > /www/index.html && \
-             echo $$ > /var/run/nginx.pid && exec httpd -f -p 80 -h /www",
-        ],
-    ),
-    // The host-network web server: port 12003.
-    (
-        "gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64",
-        &[
-            "sh",
-            "-c",
-            "mkdir -p /www && echo '<h1>Welcome to nginx!</h1>' > /www/index.html && \
-             exec httpd -f -p 12003 -h /www",
-        ],
-    ),
-];
+/// `pkg/validate`), built here from the busybox rootfs with what the specs rely on:
+/// the users and groups of the busybox image (`nobody`, `www-data`), `pgrep` and `ipcs`
+/// (Debian's busybox has neither applet: procps' and util-linux' binaries with their
+/// libraries), and for the nginx images a web server whose PID 1 is named like nginx's
+/// master process and keeps its pid where nginx does.
+const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
+const NGINX: &str = "registry.k8s.io/e2e-test-images/nginx:1.14-2";
+const HOSTNET_NGINX: &str = "gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64:latest";
+
+const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\ndaemon:x:1:1:daemon:/usr/sbin:/bin/false\n\
+bin:x:2:2:bin:/bin:/bin/false\nsys:x:3:3:sys:/dev:/bin/false\nsync:x:4:100:sync:/bin:/bin/sync\n\
+mail:x:8:8:mail:/var/spool/mail:/bin/false\nwww-data:x:33:33:www-data:/var/www:/bin/false\n\
+operator:x:37:37:Operator:/var:/bin/false\nnobody:x:65534:65534:nobody:/home:/bin/false\n";
+const GROUP: &str = "root:x:0:\ndaemon:x:1:\nbin:x:2:\nsys:x:3:\nadm:x:4:\ntty:x:5:\ndisk:x:6:\n\
+wheel:x:10:root\nmail:x:12:\nwww-data:x:33:\noperator:x:37:\nusers:x:100:\nnogroup:x:65534:\n";
+
+/// nginx's stand-in: re-executes itself as "nginx: master process ..." (what specs look
+/// for in /proc/1/cmdline), writes its pid to /var/run/nginx.pid, and runs busybox httpd
+/// on PORT serving /www as its child.
+const NGINX_C: &str = r#"#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/wait.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    if (strncmp(argv[0], "nginx: master", 13) != 0) {
+        char *args[] = {"nginx: master process nginx -g daemon off;", NULL};
+        execv("/proc/self/exe", args);
+        return 127;
+    }
+    FILE *f = fopen("/var/run/nginx.pid", "w");
+    if (f) { fprintf(f, "%d\n", (int)getpid()); fclose(f); }
+    if (fork() == 0) {
+        execl("/bin/busybox", "httpd", "-f", "-p", PORT, "-h", "/www", (char *)NULL);
+        _exit(127);
+    }
+    for (;;) { int st; if (waitpid(-1, &st, 0) < 0) pause(); }
+}
+"#;
+
+/// Copies `bin` and the shared libraries `ldd` lists for it into `root` at their paths.
+fn add_dynamic(root: &Path, bin: &str) -> anyhow::Result<()> {
+    let out = Command::new("ldd").arg(bin).output().with_context(|| format!("ldd {bin}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut files = vec![bin.to_string()];
+    for line in text.lines() {
+        // "libx.so => /lib/.../libx.so (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
+        if path.starts_with('/') {
+            files.push(path.to_string());
+        }
+    }
+    for f in files {
+        let to = root.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().context("a path with a parent")?)?;
+        std::fs::copy(&f, &to).with_context(|| format!("copying {f} into the image"))?;
+    }
+    Ok(())
+}
+
+fn build_images(c: &Containerd, scratch: &Path) -> anyhow::Result<()> {
+    let images: [(&str, Option<&str>); 3] = [(BUSYBOX, None), (NGINX, Some("80")), (HOSTNET_NGINX, Some("12003"))];
+    for (name, port) in images {
+        let root = wisp_tests::rootfs::busybox_rootfs()?;
+        let r = root.path();
+        std::fs::write(r.join("etc/passwd"), PASSWD)?;
+        std::fs::write(r.join("etc/group"), GROUP)?;
+        for bin in ["/usr/bin/pgrep", "/usr/bin/ipcs"] {
+            add_dynamic(r, bin)?;
+        }
+        let cmd: Vec<&str> = match port {
+            None => vec!["sh"],
+            Some(port) => {
+                std::fs::create_dir_all(r.join("www"))?;
+                std::fs::create_dir_all(r.join("var/run"))?;
+                std::fs::write(r.join("www/index.html"), "<h1>Welcome to nginx!</h1>\n")?;
+                let src = scratch.join("nginx.c");
+                std::fs::write(&src, NGINX_C)?;
+                let bin = r.join("usr/sbin/nginx");
+                let out = Command::new("gcc")
+                    .args(["-static", "-Os", &format!("-DPORT=\"{port}\""), "-o"])
+                    .arg(&bin)
+                    .arg(&src)
+                    .output()?;
+                if !out.status.success() {
+                    bail!("gcc nginx stand-in: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                vec!["/usr/sbin/nginx"]
+            }
+        };
+        let archive = scratch.join("image.tar");
+        image::pack_image(&archive, name, &cmd, r)?;
+        c.import(CRI_NAMESPACE, &archive, name)?;
+    }
+    Ok(())
+}
 
 /// Groups left out for both runtimes: they pull images from public registries, and image
 /// handling is containerd's, identical for every runtime.
@@ -62,16 +133,21 @@ const IMAGE_GROUPS: &str = r"Image Manager|Image Consistency|Image Identifier Co
 /// spec's full text, reason).
 const VM_SKIPS: &[(&str, &str)] = &[
     (
-        r"[Hh]ost[ -]?[Nn]etwork|HostNetwork|host network",
-        "the pod's processes run in the VM's kernel: they cannot join the host's network namespace",
+        r"runtime should support HostNetwork is true|runtime should support portforward in host network",
+        "host network: the pod's processes run on the VM's kernel, they cannot join the host's network namespace",
     ),
     (
-        r"[Hh]ost[ -]?PID|HostPID|host pid",
-        "the pod's processes run in the VM's kernel: they cannot share the host's PID namespace",
+        r"runtime should support HostPID$",
+        "host PID namespace: the pod's processes run on the VM's kernel, they cannot share the host's PID namespace",
     ),
     (
-        r"[Hh]ost[ -]?IPC|HostIpc|host ipc",
-        "the pod's processes run in the VM's kernel: they cannot share the host's IPC namespace",
+        r"runtime should support HostIpc is true",
+        "host IPC namespace: the pod's processes run on the VM's kernel, they cannot share the host's IPC objects",
+    ),
+    (
+        r"mount with 'rshared' should support propagation from host to container|mount with 'rslave' should support propagation from host to container",
+        "mount propagation between host and container: the container's mounts are in the VM's kernel; the share \
+         (virtio-fs) carries files, not mounts, across the VM boundary",
     ),
 ];
 
@@ -200,11 +276,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("conformance: containerd {}", c.build.version);
     c.import_cri_images()?;
     let scratch = tempfile::tempdir()?;
-    for (name, cmd) in IMAGES {
-        let archive = scratch.path().join("image.tar");
-        image::build_image(&archive, name, cmd)?;
-        c.import(CRI_NAMESPACE, &archive, name)?;
-    }
+    build_images(&c, scratch.path())?;
     // The CRI plugin learns of the images and the network asynchronously.
     std::thread::sleep(Duration::from_secs(5));
 
@@ -257,8 +329,15 @@ mod tests {
 
     #[test]
     fn skip_patterns_match_the_specs_they_name() {
-        assert!(vm_skip_reason("Security Context NamespaceOption runtime should support HostPID").is_some());
-        assert!(vm_skip_reason("PodSandbox runtime should support host network").is_some());
+        assert!(vm_skip_reason("[k8s.io] Security Context NamespaceOption runtime should support HostPID").is_some());
+        assert!(vm_skip_reason("[k8s.io] Security Context NamespaceOption runtime should support HostIpc is false")
+            .is_none());
+        assert!(vm_skip_reason("[k8s.io] Security Context NamespaceOption runtime should support HostIpc is true")
+            .is_some());
+        assert!(vm_skip_reason(
+            "[k8s.io] Security Context NamespaceOption runtime should support HostNetwork is false"
+        )
+        .is_none());
         assert!(vm_skip_reason("Container runtime should support basic operations on container").is_none());
         assert!(matches(IMAGE_GROUPS, "[k8s.io] Image Manager public image with tag should be pulled"));
     }

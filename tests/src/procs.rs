@@ -37,6 +37,27 @@ pub fn vmm_pids(sid: &str) -> Vec<u32> {
     processes("wisp-vmm", |args| args.iter().any(|a| a.contains(&dir)))
 }
 
+/// Waits up to `timeout` until nothing of pod `sid`'s VM is left: no wisp-vmm, no shim,
+/// no mount below its state directory, no state directory (teardown goes on after the
+/// call that asked for it returns). Else says what is left.
+pub fn wait_pod_gone(sid: &str, timeout: std::time::Duration) -> Result<(), String> {
+    let dir = Path::new(STATE_DIR).join(sid);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (vmms, shims, mounts) = (vmm_pids(sid), shim_pids(sid), mounts_under(&[&dir]));
+        if vmms.is_empty() && shims.is_empty() && mounts.is_empty() && !dir.exists() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "pod {sid} left behind: wisp-vmm {vmms:?}, shim {shims:?}, mounts {mounts:?}, dir exists: {}",
+                dir.exists()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 pub fn all_vmm_pids() -> Vec<u32> {
     processes("wisp-vmm", |_| true)
 }

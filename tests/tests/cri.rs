@@ -24,7 +24,7 @@ use wisp_tests::cri::{self, v1 as api, CallError, ContainerConfig, Cri, PodConfi
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::PAUSE_IMAGE;
 use wisp_tests::procs::{
-    all_vmm_pids, describe, host_kernel, mounts_under, parent, processes, shim_pids, vmm_pids, STATE_DIR,
+    all_vmm_pids, describe, host_kernel, mounts_under, parent, processes, shim_pids, vmm_pids, wait_pod_gone, STATE_DIR,
 };
 use wisp_tests::rootfs::need_busybox;
 use wisp_tests::{ensure_that, need_built, skip_unless};
@@ -213,22 +213,7 @@ impl Env {
     /// Nothing of the pod's VM is left: no wisp-vmm, no state dir, no mounts under it,
     /// no shim (waits up to SETTLE: teardown continues after the CRI call returns).
     fn assert_vm_gone(&self, sid: &str) -> anyhow::Result<()> {
-        let dir = Path::new(STATE_DIR).join(sid);
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let (vmms, shims, mounts) = (vmm_pids(sid), shim_pids(sid), mounts_under(&[&dir]));
-            if vmms.is_empty() && shims.is_empty() && mounts.is_empty() && !dir.exists() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "pod {sid} left behind: wisp-vmm {vmms:?}, shim {shims:?}, mounts {mounts:?}, dir exists: {}\n{}",
-                    dir.exists(),
-                    self.c.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_pod_gone(sid, SETTLE).map_err(|left| anyhow!("{left}\n{}", self.c.diagnostics()))
     }
 }
 

@@ -26,7 +26,7 @@ use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::PAUSE_IMAGE;
 use wisp_tests::process::output_within;
 use wisp_tests::procs::{
-    all_shim_pids, all_vmm_pids, host_kernel, mounts_under, processes, shim_pids, vmm_pids, STATE_DIR,
+    all_shim_pids, all_vmm_pids, host_kernel, mounts_under, processes, vmm_pids, wait_pod_gone, STATE_DIR,
 };
 use wisp_tests::rootfs::{need_busybox, HOST_BUSYBOX};
 use wisp_tests::{artifact, ensure_that, need_built, skip_unless};
@@ -398,22 +398,7 @@ impl Env {
     /// Nothing of the pod's VM is left: no wisp-vmm, no state dir, no mounts under it,
     /// no shim (waits up to SETTLE: teardown continues after the CRI call returns).
     fn assert_vm_gone(&self, sid: &str) -> anyhow::Result<()> {
-        let dir = Path::new(STATE_DIR).join(sid);
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let (vmms, shims, mounts) = (vmm_pids(sid), shim_pids(sid), mounts_under(&[&dir]));
-            if vmms.is_empty() && shims.is_empty() && mounts.is_empty() && !dir.exists() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "pod {sid} left behind: wisp-vmm {vmms:?}, shim {shims:?}, mounts {mounts:?}, dir exists: {}\n{}",
-                    dir.exists(),
-                    self.c.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_pod_gone(sid, SETTLE).map_err(|left| anyhow!("{left}\n{}", self.c.diagnostics()))
     }
 
     /// The pod's IP (PodSandboxStatus) and its CNI interface in the pod's namespace.

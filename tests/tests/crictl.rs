@@ -8,7 +8,7 @@
 //! Runs against the containerd that `WISP_CONTAINERD_BIN` selects (`tests/e2e.sh
 //! crictl@2.4`); with Debian's 1.6 too.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -18,7 +18,7 @@ use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::image::BUSYBOX_IMAGE;
 use wisp_tests::process::output_within;
-use wisp_tests::procs::{all_vmm_pids, host_kernel, mounts_under, shim_pids, vmm_pids, STATE_DIR};
+use wisp_tests::procs::{all_vmm_pids, host_kernel, vmm_pids, wait_pod_gone};
 use wisp_tests::rootfs::need_busybox;
 use wisp_tests::{ensure_that, go_tool, need_built, skip_unless};
 
@@ -210,20 +210,7 @@ impl Env {
         self.ok(&["rmp", sid])?;
         let pods = self.ok(&["pods", "-q"])?;
         ensure_that!(!pods.contains(sid), "pod {sid} still listed after rmp: {pods}");
-        let dir = Path::new(STATE_DIR).join(sid);
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let (vmms, shims, mounts) = (vmm_pids(sid), shim_pids(sid), mounts_under(&[&dir]));
-            if vmms.is_empty() && shims.is_empty() && mounts.is_empty() && !dir.exists() {
-                return Ok(());
-            }
-            ensure_that!(
-                Instant::now() < deadline,
-                "pod {sid} left: wisp-vmm {vmms:?}, shim {shims:?}, mounts {mounts:?}, dir {}",
-                dir.exists()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_pod_gone(sid, SETTLE).map_err(|left| anyhow::anyhow!("{left}\n{}", self.c.diagnostics()))
     }
 
     fn pass(&self) -> CaseResult {

@@ -62,7 +62,14 @@ impl Env {
         a.push(&self.image);
         a.push(id);
         a.extend_from_slice(args);
-        Ok(Run::from_output(self.c.ctr_with(&a, stdin)?))
+        let mut r = Run::from_output(self.c.ctr_with(&a, stdin)?);
+        if r.stderr.contains("starting the pod's VM") {
+            // The VM never answered: containerd's log has the shim's account of it and the
+            // guest console's last lines (a kernel that stalled in boot, which the harness
+            // reruns inside the emulated host, shows there).
+            r.stderr += &format!("\n{}", self.c.diagnostics());
+        }
+        Ok(r)
     }
 
     /// `ctr task exec --exec-id EID CID sh -c SCRIPT`.

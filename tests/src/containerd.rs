@@ -233,6 +233,13 @@ impl Containerd {
         let lines: Vec<&str> = log.lines().collect();
         let mut out =
             format!("--- containerd log (last 60 lines) ---\n{}\n", lines[lines.len().saturating_sub(60)..].join("\n"));
+        // How every VM of this containerd ended, wherever in the log: a nested triple
+        // fault (an emulator fault the harness reruns) must show even when it scrolled
+        // out of the lines above.
+        let ends: Vec<&str> = lines.iter().copied().filter(|l| l.contains("VM ended")).collect();
+        if !ends.is_empty() {
+            out += &format!("--- VM ends in containerd's log ---\n{}\n", ends.join("\n"));
+        }
         for e in std::fs::read_dir("/run/wisp").into_iter().flatten().flatten() {
             if let Ok(c) = std::fs::read_to_string(e.path().join("vmm/console.log")) {
                 let l: Vec<&str> = c.lines().collect();

@@ -27,13 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 2
 fi
 
-bin=$(cargo build --release -p wisp-tests --bin wisp-bench --message-format=json-render-diagnostics |
-    python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "wisp-bench":
-        print(m["executable"])')
-[ -n "$bin" ] || { echo "bench: cargo built no wisp-bench binary" >&2; exit 1; }
+bin=$(tests/harness-bin.sh wisp-bench)
 
 out=$target/bench
 mkdir -p "$out"

@@ -25,13 +25,7 @@ done
 export WISP_CONTAINERD_BIN
 WISP_CONTAINERD_BIN=$(tests/tools/go-tools.sh bin "containerd-$ver")
 tests/tools/go-tools.sh bin cri-tools >/dev/null
-bin=$(cargo build --release -p wisp-tests --bin wisp-conformance --message-format=json-render-diagnostics |
-    python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "wisp-conformance":
-        print(m["executable"])')
-[ -n "$bin" ] || { echo "conformance: cargo built no wisp-conformance binary" >&2; exit 1; }
+bin=$(tests/harness-bin.sh wisp-conformance)
 out=target/conformance
 rm -rf "$out"
 mkdir -p "$out"

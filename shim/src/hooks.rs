@@ -407,4 +407,34 @@ mod tests {
         drop(ns);
         assert!(!p.exists());
     }
+
+    #[test]
+    #[ignore = "needs root (unshare, mount)"]
+    fn a_failing_create_runtime_hook_undoes_everything() {
+        // The hook fails: its error comes back, poststop ran, the namespace is gone.
+        let dir = tempfile::tempdir().unwrap();
+        let ns = dir.path().join("netns");
+        let marker = dir.path().join("poststop-ran");
+        let spec = json!({"linux": {"namespaces": [{"type": "network"}]}});
+        let hooks = Hooks {
+            create_runtime: vec![Hook {
+                path: "/bin/sh".into(),
+                args: vec!["sh".into(), "-c".into(), "echo cni failed >&2; exit 1".into()],
+                env: vec![],
+                timeout: Duration::from_secs(10),
+            }],
+            poststop: vec![Hook {
+                path: "/bin/sh".into(),
+                args: vec!["sh".into(), "-c".into(), format!("touch {}", marker.display())],
+                env: vec![],
+                timeout: Duration::from_secs(10),
+            }],
+        };
+        let e = PodHooks::start(hooks, "c1", dir.path(), &spec, Some(&ns)).err().expect("the hook failed");
+        assert!(e.to_string().contains("cni failed"), "{e}");
+        assert!(marker.exists(), "poststop did not run after the failed createRuntime");
+        assert!(!ns.exists(), "the network namespace was left behind");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&ns.display().to_string()), "its mount was left behind");
+    }
 }

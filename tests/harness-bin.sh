@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds one of the tests crate's programs (src/bin/NAME.rs, release) and prints its
+# executable: what bench.sh (wisp-bench) and conformance.sh (wisp-conformance) run.
+#
+#   tests/harness-bin.sh NAME
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=${1:?usage: tests/harness-bin.sh NAME}
+bin=$(cargo build --release -p wisp-tests --bin "$name" --message-format=json-render-diagnostics |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$name")
+[ -n "$bin" ] || { echo "harness-bin: cargo built no $name binary" >&2; exit 1; }
+echo "$bin"

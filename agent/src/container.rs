@@ -115,6 +115,8 @@ pub struct Container {
     /// The container's seccomp profile, re-applied to exec processes.
     pub seccomp: Option<LinuxSeccomp>,
     pub init: Arc<Process>,
+    /// The init is PID 1 of its own PID namespace (its exit ends the rest).
+    pub own_pid_ns: bool,
     state: Mutex<ContainerState>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Exec ids in creation order, for pruning.
@@ -133,6 +135,7 @@ impl Container {
         cgroup: ContainerCgroup,
         seccomp: Option<LinuxSeccomp>,
         init: Arc<Process>,
+        own_pid_ns: bool,
     ) -> Self {
         let oom_seen = cgroup.oom_kills().unwrap_or(0);
         Self {
@@ -141,6 +144,7 @@ impl Container {
             cgroup,
             seccomp,
             init,
+            own_pid_ns,
             state: Mutex::new(ContainerState::Creating),
             execs: Mutex::new(HashMap::new()),
             exec_order: Mutex::new(Vec::new()),

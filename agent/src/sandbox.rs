@@ -25,6 +25,8 @@ use crate::stdio::{ProcessIo, ProcessLookup, StdioError, StdioRequest};
 
 const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
 const SIGKILL: i32 = libc::SIGKILL;
+/// How long the agent keeps killing what a container's exited init left behind.
+const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -337,7 +339,7 @@ impl Sandbox {
             exit: spawned.exit,
             io,
         });
-        let container = Arc::new(Container::new(id.into(), bundle, cgroup, seccomp, init));
+        let container = Arc::new(Container::new(id.into(), bundle, cgroup, seccomp, init, prepared.own_pid_ns));
         container.transition(Transition::Created, || Ok::<(), SandboxError>(()))?;
         lock(&self.containers).insert(id.into(), Slot::Ready(container));
         if req.sandbox_container {
@@ -511,9 +513,39 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The process's exit status, once it has exited. When a container's init has
+    /// exited and it was not PID 1 of its own PID namespace (it shares the pod's), what
+    /// it started lives on, holding its output open: like runc's shim, the agent kills
+    /// the rest of the container before the exit is reported, so a stopped container
+    /// has no processes and its output ends.
     pub fn wait_process(&self, container_id: &str, exec_id: &str, cancelled: &dyn Fn() -> bool) -> Result<ExitStatus> {
-        let (_, p) = self.process(container_id, exec_id)?;
-        Ok(p.wait(cancelled)?)
+        let (c, p) = self.process(container_id, exec_id)?;
+        let status = p.wait(cancelled)?;
+        if exec_id.is_empty() && !c.own_pid_ns {
+            self.kill_leftovers(&c);
+        }
+        Ok(status)
+    }
+
+    /// SIGKILLs every process left in the container's cgroup until none is left (a
+    /// process forking meanwhile is caught on the next pass), for at most a few seconds.
+    fn kill_leftovers(&self, c: &Container) {
+        let deadline = Instant::now() + LEFTOVER_KILL_TIMEOUT;
+        for pass in 0.. {
+            let pids = c.cgroup.pids().unwrap_or_default();
+            if pids.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                log::warn!("container {}: processes {pids:?} still alive after its init exited and SIGKILL", c.id);
+                return;
+            }
+            if pass == 0 {
+                log::info!("container {}: its init exited; killing the {} process(es) it left", c.id, pids.len());
+            }
+            let _ = self.reaper.signal_many(&pids, SIGKILL);
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {

@@ -84,6 +84,10 @@ pub struct PreparedSpec {
     pub cgroup_path: PathBuf,
     /// `net.*` sysctls for the agent to apply to the VM's network namespace.
     pub net_sysctls: Vec<(String, String)>,
+    /// Whether the container's init is PID 1 of a PID namespace of its own. When it is
+    /// not (it shares the pod's or the guest's), the kernel does not end the rest of the
+    /// container with it: the agent must (see `Sandbox::wait_process`).
+    pub own_pid_ns: bool,
 }
 
 pub fn validate_id(kind: &'static str, id: &str) -> Result<(), SpecError> {
@@ -186,6 +190,7 @@ pub fn prepare(
     let mut linux = spec.linux().clone().ok_or(SpecError::Missing("linux"))?;
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();
     rewrite_namespaces(&mut namespaces, role, policy.guest)?;
+    let own_pid_ns = namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Pid && ns.path().is_none());
     linux.set_namespaces(Some(namespaces));
     linux.set_mount_label(None);
 
@@ -207,7 +212,7 @@ pub fn prepare(
         linux.set_sysctl(Some(kept));
     }
     spec.set_linux(Some(linux));
-    Ok(PreparedSpec { spec, cgroup_path, net_sysctls })
+    Ok(PreparedSpec { spec, cgroup_path, net_sysctls, own_pid_ns })
 }
 
 fn check_sysctl(k: &str, v: &str) -> Result<(), SpecError> {
@@ -413,6 +418,25 @@ mod tests {
         ));
         assert!(matches!(parse_spec(b"{not json"), Err(SpecError::Json { .. })));
         assert!(matches!(parse_spec(&vec![b' '; MAX_JSON_BYTES + 1]), Err(SpecError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn only_a_fresh_pid_namespace_is_the_containers_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = SpecPolicy { guest: true, cgroup_parent: "/wisp".into() };
+        let own = |nss: serde_json::Value, role: PodRole| {
+            let mut v = minimal_spec(dir.path());
+            v["linux"]["namespaces"] = nss;
+            let spec = parse_spec(&serde_json::to_vec(&v).unwrap()).unwrap();
+            prepare(spec, "c1", &policy, role, false).unwrap().own_pid_ns
+        };
+        let member = PodRole::Member { sandbox_pid: Some(7) };
+        assert!(own(serde_json::json!([{"type": "pid"}, {"type": "mount"}]), PodRole::Sandbox));
+        assert!(own(serde_json::json!([{"type": "pid"}, {"type": "mount"}]), member));
+        // Sharing the sandbox's (CRI's shareProcessNamespace) or the guest's.
+        assert!(!own(serde_json::json!([{"type": "pid", "path": "/proc/1/ns/pid"}, {"type": "mount"}]), member));
+        assert!(!own(serde_json::json!([{"type": "mount"}]), member));
+        assert!(!own(serde_json::json!([{"type": "mount"}]), PodRole::Sandbox));
     }
 
     #[test]

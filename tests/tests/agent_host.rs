@@ -820,6 +820,43 @@ fn pod_shares_ipc_and_uts() -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// A member that shares the pod's PID namespace (CRI's shareProcessNamespace) is not PID
+/// 1 of its own namespace, so the kernel does not end what its init started: the agent
+/// must kill the rest when the init exits (as runc's shim does), or the background
+/// process keeps the container's output open and the task "stopped" while it runs.
+fn a_member_sharing_the_pods_pid_namespace_ends_with_its_init() -> CaseResult {
+    let mut a = setup!();
+    let root = a.rootfs()?;
+    a.create("pause", &spec(&root, &["sleep", "1000"]), StdioSpec::default(), true)?;
+    a.start_container("pause")?;
+    let root2 = a.rootfs()?;
+    let mut member = spec(&root2, &["sh", "-c", "sleep 1000 & echo $!"]);
+    member["linux"]["namespaces"] = json!([
+        {"type": "pid", "path": "/proc/1/ns/pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
+    ]);
+    a.create("app", &member, pipes(false), false)?;
+    let out = a.attach("app", "", StreamKind::Stdout)?;
+    out.set_read_timeout(Some(Duration::from_secs(30)))?;
+    a.start_container("app")?;
+    let status = a.wait("app", "")?;
+    ensure_that!(status == 0, "the member's init exited {status}");
+    // The background sleep inherited stdout: the stream ends only once it is dead.
+    let text = read_stream(out).context("the member's stdout did not end: what its init started lives on")?;
+    ensure_that!(text.trim().parse::<u32>().is_ok(), "the member printed {text:?}, want the background pid");
+    let left =
+        a.api().list_processes(Agent::ctx(), &ContainerRequest { container_id: "app".into(), ..Default::default() })?;
+    ensure_that!(left.pids.is_empty(), "processes {:?} left in the member after its init exited", left.pids);
+    // The pod's own init is untouched.
+    let pause = a
+        .api()
+        .list_processes(Agent::ctx(), &ContainerRequest { container_id: "pause".into(), ..Default::default() })?;
+    ensure_that!(!pause.pids.is_empty(), "the sandbox container was killed with the member");
+    a.remove("app")?;
+    a.remove("pause")?;
+    a.check()?;
+    Ok(Outcome::Passed)
+}
+
 fn bad_requests_leave_nothing_behind() -> CaseResult {
     let mut a = setup!();
     let root = a.rootfs()?;
@@ -986,6 +1023,10 @@ fn main() {
         .case("stats_and_process_list", stats_and_process_list)
         .case("pause_resume_and_update", pause_resume_and_update)
         .case("pod_shares_ipc_and_uts", pod_shares_ipc_and_uts)
+        .case(
+            "a_member_sharing_the_pods_pid_namespace_ends_with_its_init",
+            a_member_sharing_the_pods_pid_namespace_ends_with_its_init,
+        )
         .case("bad_requests_leave_nothing_behind", bad_requests_leave_nothing_behind)
         .case("destroy_sandbox_cleans_up", destroy_sandbox_cleans_up)
         .run()

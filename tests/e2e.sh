@@ -114,7 +114,7 @@ fi
 # twice: sustained nested load kills it more than once in a while, see
 # tests/kvmhost/README.md), and the last run's result is the one counted. Deaths are
 # reported, never hidden.
-passed=0 failed=0 skipped=0 deaths=()
+passed=0 failed=0 skipped=0 deaths=() failed_cases=()
 for r in "${runs[@]}"; do
     read -r suite bin ctd <<<"$r"
     for attempt in 1 2 3; do
@@ -124,6 +124,7 @@ for r in "${runs[@]}"; do
         rc=${PIPESTATUS[0]}
         set -e
         line=$(grep -E '^e2e: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1 || true)
+        failures=$(grep -E '^[a-z_0-9]+: FAILED ' "$log" || true)
         rm -f "$log"
         if [ "$rc" = 123 ] && [ "$attempt" -lt 3 ]; then
             deaths+=("$suite")
@@ -132,6 +133,7 @@ for r in "${runs[@]}"; do
         fi
         break
     done
+    [ -z "$failures" ] || failed_cases+=("$(sed "s/^[a-z_0-9]*:/$suite:/" <<<"$failures")")
     if [ -z "$line" ]; then
         echo "e2e: suite $suite ended ($rc) without a summary" >&2
         failed=$((failed + 1))
@@ -140,6 +142,8 @@ for r in "${runs[@]}"; do
     tally "$line" "$rc"
 done
 echo
+# What failed, once more at the end: a log cut to its tail still names it.
+[ ${#failed_cases[@]} = 0 ] || printf '%s\n' "${failed_cases[@]}"
 [ ${#deaths[@]} = 0 ] || echo "e2e: the emulated host died ${#deaths[@]} time(s), in: ${deaths[*]} (each death's suite was rerun; the reruns are counted)"
 echo "e2e: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]

@@ -114,12 +114,27 @@ impl Suite {
             println!("\n---- {name}: the first run, rerun after a nested triple fault ----\n{msg}");
         }
         println!();
+        // One line per failure, next to the summary: a log cut to its head and tail (as
+        // CI shows it) still says what failed and why.
+        for (name, msg) in &failures {
+            println!("{}: FAILED {name}: {}", self.name, first_line(msg));
+        }
         if !reruns.is_empty() {
             println!("{}: {} case(s) rerun after a nested triple fault (listed above)", self.name, reruns.len());
         }
         println!("{}: {passed} passed, {failed} failed, {skipped} skipped", self.name);
         std::process::exit(if failed > 0 { 1 } else { 0 })
     }
+}
+
+/// A failure message's first line, at most 300 characters.
+fn first_line(msg: &str) -> String {
+    let line = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or("(no message)");
+    let mut out: String = line.chars().take(300).collect();
+    if out.len() < line.len() {
+        out.push_str(" […]");
+    }
+    out
 }
 
 /// Why a test needing root cannot run here, if it cannot.
@@ -166,6 +181,14 @@ macro_rules! ensure_that {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_is_summed_up_by_its_first_line() {
+        assert_eq!(first_line("\nnerdctl [\"exec\"] exited 1: boom\n--- containerd log ---\n..."), "nerdctl [\"exec\"] exited 1: boom");
+        assert_eq!(first_line(""), "(no message)");
+        let long = "x".repeat(400);
+        assert_eq!(first_line(&long), format!("{} […]", "x".repeat(300)));
+    }
 
     #[test]
     fn only_the_emulators_nested_boot_faults_in_the_emulated_host_earn_a_rerun() {

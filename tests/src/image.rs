@@ -10,12 +10,30 @@ use sha2::{Digest, Sha256};
 
 /// The name the image is imported under.
 pub const BUSYBOX_IMAGE: &str = "docker.io/library/busybox:wisp";
-/// The CRI sandbox ("pause") image: the same busybox layer, a command that sleeps
-/// forever (busybox `sleep` is fine as a pod's PID 1: the sandbox container is only ever
-/// stopped with SIGKILL).
+/// The CRI sandbox ("pause") image: the busybox layer plus `/pause`, a static program
+/// that does what Kubernetes' pause does (`PAUSE_C`).
 pub const PAUSE_IMAGE: &str = "docker.io/library/wisp-pause:wisp";
-/// The pause image's command: the largest `sleep` every busybox accepts (about 68 years).
-pub const PAUSE_CMD: &[&str] = &["sleep", "2147483647"];
+
+/// The pod's PID 1 when containers share the pod's PID namespace (CRI's default
+/// NamespaceMode POD, Kubernetes' shareProcessNamespace): it reaps the orphans the
+/// containers leave, ends on SIGINT or SIGTERM, and is named `pause`, so a container
+/// looking for its own processes by name (critest's `pgrep sleep`) does not find it.
+const PAUSE_C: &str = r#"#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void on_stop(int sig) { (void)sig; _exit(0); }
+static void on_child(int sig) { (void)sig; while (waitpid(-1, 0, WNOHANG) > 0) {} }
+int main(void) {
+    struct sigaction stop = {0}, child = {0};
+    stop.sa_handler = on_stop;
+    sigaction(SIGINT, &stop, 0);
+    sigaction(SIGTERM, &stop, 0);
+    child.sa_handler = on_child;
+    child.sa_flags = SA_NOCLDSTOP | SA_RESTART;
+    sigaction(SIGCHLD, &child, 0);
+    for (;;) pause();
+}
+"#;
 
 fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
@@ -78,10 +96,12 @@ pub fn build_busybox_image(out: &Path, name: &str) -> anyhow::Result<String> {
     build_image(out, name, &["sh"])
 }
 
-/// Writes the pause image archive (`PAUSE_IMAGE`, command `PAUSE_CMD`) to `out`.
+/// Writes the pause image archive (`PAUSE_IMAGE`, command `/pause`) to `out`.
 /// Returns the manifest digest.
 pub fn build_pause_image(out: &Path) -> anyhow::Result<String> {
-    build_image(out, PAUSE_IMAGE, PAUSE_CMD)
+    let dir = tempfile::tempdir()?;
+    let pause = compile_static(dir.path(), "pause", PAUSE_C, &[])?;
+    build_image_with(out, PAUSE_IMAGE, &["/pause"], &[("pause", &pause, 0o755)])
 }
 
 /// Writes a busybox image archive tagged `name` whose command is `cmd`.
@@ -91,23 +111,37 @@ pub fn build_image(out: &Path, name: &str, cmd: &[&str]) -> anyhow::Result<Strin
 
 /// Compiles, into `dir`, a static program that prints `euid=E uid=U`: as a setuid-root
 /// file in an image it shows whether setuid is honoured (busybox drops setuid for most
-/// applets by itself, so it cannot). Needs gcc and libc6-dev (`make deps`).
+/// applets by itself, so it cannot).
 pub fn build_euid_probe(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let src = dir.join("euid.c");
-    std::fs::write(
-        &src,
+    compile_static(
+        dir,
+        "euid",
         "#include <stdio.h>\n#include <unistd.h>\n\
          int main(void) { printf(\"euid=%d uid=%d\\n\", (int)geteuid(), (int)getuid()); return 0; }\n",
-    )?;
-    let bin = dir.join("euid");
-    let out = std::process::Command::new("gcc").args(["-static", "-Os", "-o"]).arg(&bin).arg(&src).output()?;
+        &[],
+    )
+}
+
+/// Compiles the C program `source` into the static, stripped executable `dir/name`
+/// (`defines`: `-D` arguments). The same source gives the same bytes, so images holding
+/// it stay reproducible. Needs gcc and libc6-dev (`make deps`).
+pub fn compile_static(dir: &Path, name: &str, source: &str, defines: &[&str]) -> anyhow::Result<std::path::PathBuf> {
+    let src = format!("{name}.c");
+    std::fs::write(dir.join(&src), source)?;
+    let out = std::process::Command::new("gcc")
+        .current_dir(dir)
+        .args(["-static", "-Os", "-s"])
+        .args(defines.iter().map(|d| format!("-D{d}")))
+        .args(["-o", name, &src])
+        .output()
+        .context("running gcc (make deps installs gcc and libc6-dev)")?;
     if !out.status.success() {
         anyhow::bail!(
-            "gcc -static failed (make deps installs gcc and libc6-dev): {}",
+            "gcc -static {name}.c failed (make deps installs gcc and libc6-dev): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(bin)
+    Ok(dir.join(name))
 }
 
 /// Like `build_image`, with extra files copied into the rootfs: (path in the image,
@@ -197,5 +231,14 @@ mod tests {
         let p2 = build_pause_image(&d.path().join("p2.tar")).unwrap();
         assert_eq!(p1, p2);
         assert_ne!(a, p1, "the pause image must differ from busybox (its command)");
+        // The pause program is what the image runs, and it does what its comment says.
+        let dir = tempfile::tempdir().unwrap();
+        let pause = compile_static(dir.path(), "pause", PAUSE_C, &[]).unwrap();
+        let mut child = std::process::Command::new(&pause).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(child.try_wait().unwrap().is_none(), "pause ended by itself");
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(child.wait().unwrap().code(), Some(0), "pause does not end with status 0 on SIGTERM");
     }
 }

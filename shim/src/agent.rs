@@ -10,6 +10,8 @@ use wisp_protocols::agent::CheckRequest;
 use wisp_protocols::agent_ttrpc::AgentClient;
 use wisp_protocols::{hybrid_vsock, AGENT_API_VERSION, AGENT_TTRPC_PORT};
 
+use crate::sandbox::TaskError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("the guest agent did not answer within {waited:?}: {reason}")]
@@ -87,6 +89,26 @@ impl Agent {
     }
 }
 
+/// An agent call's error as the task API's: the class the agent gave it (its ttrpc code:
+/// a container it does not know is NotFound, a bad spec InvalidArgument, a process
+/// already exited NotFound, a wrong state FailedPrecondition), the message bounded. A
+/// broken connection or any other code is Internal.
+pub fn task_error(call: &'static str, e: ttrpc::Error) -> TaskError {
+    use ttrpc::Code;
+    let code = match &e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        _ => Code::INTERNAL,
+    };
+    let msg = call_error(call, e).to_string();
+    match code {
+        Code::NOT_FOUND => TaskError::NotFound(msg),
+        Code::ALREADY_EXISTS => TaskError::AlreadyExists(msg),
+        Code::FAILED_PRECONDITION => TaskError::FailedPrecondition(msg),
+        Code::INVALID_ARGUMENT => TaskError::InvalidArgument(msg),
+        _ => TaskError::Internal(msg),
+    }
+}
+
 /// An agent call's error, for messages: ttrpc status text is the agent's message.
 pub fn call_error(call: &'static str, e: ttrpc::Error) -> AgentError {
     // The agent's words are the guest's: capped, no control characters.
@@ -95,4 +117,30 @@ pub fn call_error(call: &'static str, e: ttrpc::Error) -> AgentError {
         other => crate::bounds::guest_text(&other.to_string(), crate::bounds::MAX_GUEST_ERROR, false),
     };
     AgentError::Call { call, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_errors_keep_their_class() {
+        let status = |c| ttrpc::Error::RpcStatus(ttrpc::get_status(c, "no container \"x\"\u{1b}[31m"));
+        let class = |e: TaskError| match e {
+            TaskError::NotFound(m) => ("not found", m),
+            TaskError::AlreadyExists(m) => ("exists", m),
+            TaskError::FailedPrecondition(m) => ("precondition", m),
+            TaskError::InvalidArgument(m) => ("invalid", m),
+            TaskError::Internal(m) => ("internal", m),
+        };
+        let (c, m) = class(task_error("SignalProcess", status(ttrpc::Code::NOT_FOUND)));
+        assert_eq!(c, "not found");
+        assert!(m.starts_with("agent SignalProcess: no container"), "{m}");
+        assert!(!m.contains('\u{1b}'), "the guest's control characters reach the message: {m:?}");
+        assert_eq!(class(task_error("CreateContainer", status(ttrpc::Code::INVALID_ARGUMENT))).0, "invalid");
+        assert_eq!(class(task_error("CreateContainer", status(ttrpc::Code::ALREADY_EXISTS))).0, "exists");
+        assert_eq!(class(task_error("StartContainer", status(ttrpc::Code::FAILED_PRECONDITION))).0, "precondition");
+        assert_eq!(class(task_error("StatsContainer", status(ttrpc::Code::DEADLINE_EXCEEDED))).0, "internal");
+        assert_eq!(class(task_error("ExecProcess", ttrpc::Error::LocalClosed)).0, "internal");
+    }
 }

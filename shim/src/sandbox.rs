@@ -22,7 +22,7 @@ use containerd_shim_protos::topics;
 use wisp_config::Config;
 use wisp_protocols::agent;
 
-use crate::agent::{call_error, Agent};
+use crate::agent::{call_error, task_error, Agent};
 use crate::container::{Action, Container, Exit, Process, Status};
 use crate::events::EventSink;
 use crate::hooks::{Hooks, PodHooks};
@@ -269,7 +269,7 @@ impl Sandbox {
             guest_time_nsec: now.subsec_nanos(),
             ..Default::default()
         };
-        agent.client.create_sandbox(agent.ctx(), &req).map_err(|e| internal(call_error("CreateSandbox", e)))?;
+        agent.client.create_sandbox(agent.ctx(), &req).map_err(|e| task_error("CreateSandbox", e))?;
         if let Some(net) = &b.net {
             configure_guest_network(&agent, net)?;
         }
@@ -433,7 +433,7 @@ impl Sandbox {
         agent
             .client
             .create_container(agent.ctx(), &creq)
-            .map_err(|e| TaskError::InvalidArgument(call_error("CreateContainer", e).to_string()))?;
+            .map_err(|e| task_error("CreateContainer", e))?;
         let io = match ProcessIo::attach(&vsock, &req.id, "", &req.stdio, &self.namespace) {
             Ok(io) => io,
             Err(e) => {
@@ -537,7 +537,7 @@ impl Sandbox {
     ) -> Result<u32, TaskError> {
         let guest_pid = if eid.is_empty() {
             let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
-            agent.client.start_container(agent.ctx(), &req).map_err(|e| internal(call_error("StartContainer", e)))?.pid
+            agent.client.start_container(agent.ctx(), &req).map_err(|e| task_error("StartContainer", e))?.pid
         } else {
             let req = agent::ExecProcessRequest {
                 container_id: cid.into(),
@@ -549,7 +549,7 @@ impl Sandbox {
             let pid = agent
                 .client
                 .exec_process(agent.ctx(), &req)
-                .map_err(|e| TaskError::InvalidArgument(call_error("ExecProcess", e).to_string()))?
+                .map_err(|e| task_error("ExecProcess", e))?
                 .pid;
             let vsock = self.lock().guest.as_ref().map(|g| g.paths.vsock()).unwrap_or_default();
             let io = ProcessIo::attach(&vsock, cid, eid, &stdio, &self.namespace).map_err(internal)?;
@@ -721,10 +721,14 @@ impl Sandbox {
             all,
             ..Default::default()
         };
-        agent
-            .client
-            .signal_process(agent.ctx(), &req)
-            .map_err(|e| TaskError::NotFound(call_error("SignalProcess", e).to_string()))?;
+        agent.client.signal_process(agent.ctx(), &req).map_err(|e| match task_error("SignalProcess", e) {
+            // The VM ended under the call: the process is gone with it.
+            TaskError::Internal(msg) => match self.lock().vm_gone.clone() {
+                Some(why) => TaskError::NotFound(format!("process {cid}/{eid}: the VM ended ({why})")),
+                None => TaskError::Internal(msg),
+            },
+            other => other,
+        })?;
         Ok(())
     }
 
@@ -747,9 +751,9 @@ impl Sandbox {
         crate::container::transition(status, action).map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
         let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
         if pause {
-            agent.client.pause_container(agent.ctx(), &req).map_err(|e| internal(call_error("PauseContainer", e)))?;
+            agent.client.pause_container(agent.ctx(), &req).map_err(|e| task_error("PauseContainer", e))?;
         } else {
-            agent.client.resume_container(agent.ctx(), &req).map_err(|e| internal(call_error("ResumeContainer", e)))?;
+            agent.client.resume_container(agent.ctx(), &req).map_err(|e| task_error("ResumeContainer", e))?;
         }
         self.with_process(cid, "", |p| p.apply(action).map_err(|e| TaskError::FailedPrecondition(e.to_string())))?;
         if pause {
@@ -770,14 +774,14 @@ impl Sandbox {
         self.with_process(cid, "", |_| Ok(()))?;
         let agent = self.agent()?;
         let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
-        Ok(agent.client.list_processes(agent.ctx(), &req).map_err(|e| internal(call_error("ListProcesses", e)))?.pids)
+        Ok(agent.client.list_processes(agent.ctx(), &req).map_err(|e| task_error("ListProcesses", e))?.pids)
     }
 
     pub fn stats(&self, cid: &str) -> Result<agent::StatsContainerResponse, TaskError> {
         self.with_process(cid, "", |_| Ok(()))?;
         let agent = self.agent()?;
         let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
-        agent.client.stats_container(agent.ctx(), &req).map_err(|e| internal(call_error("StatsContainer", e)))
+        agent.client.stats_container(agent.ctx(), &req).map_err(|e| task_error("StatsContainer", e))
     }
 
     pub fn update(&self, cid: &str, resources_json: Vec<u8>) -> Result<(), TaskError> {
@@ -787,7 +791,7 @@ impl Sandbox {
         agent
             .client
             .update_container(agent.ctx(), &req)
-            .map_err(|e| TaskError::InvalidArgument(call_error("UpdateContainer", e).to_string()))?;
+            .map_err(|e| task_error("UpdateContainer", e))?;
         Ok(())
     }
 
@@ -801,7 +805,7 @@ impl Sandbox {
             cols: width,
             ..Default::default()
         };
-        agent.client.tty_win_resize(agent.ctx(), &req).map_err(|e| internal(call_error("TtyWinResize", e)))?;
+        agent.client.tty_win_resize(agent.ctx(), &req).map_err(|e| task_error("TtyWinResize", e))?;
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! Building and running a micro-VM from a `VmConfig`: memory, kernel, legacy devices,
 //! virtio-mmio devices, vCPUs and the device thread. Every step that can fail returns
-//! a `StartError` naming what failed; nothing is left running on failure (the vCPU and
-//! device threads start last).
+//! a `StartError` naming what failed. The threads start last, so a failure before them
+//! leaves nothing running; a failure while starting them (the device thread starts
+//! first, then one thread per vCPU) leaves the threads already started running, with no
+//! way to stop them: the caller must end the process (`wisp-vmm` exits).
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
@@ -366,26 +368,6 @@ impl MicroVm {
     /// A sender that ends the VM when something is sent (signals, control API).
     pub fn exit_sender(&self) -> Sender<VmExit> {
         self.exits_tx.clone()
-    }
-
-    pub fn timeline(&self) -> &BootTimeline {
-        &self.timeline
-    }
-
-    pub fn pause(&self) -> bool {
-        self.vcpus.pause()
-    }
-
-    pub fn resume(&self) {
-        self.vcpus.resume()
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.vcpus.is_paused()
-    }
-
-    pub fn memory_bytes(&self) -> u64 {
-        self.vm.mem_bytes
     }
 
     /// The handle the control API works through.

@@ -1,5 +1,7 @@
-//! `wisp-vmm`: start one micro-VM and run it until the guest reboots or powers off.
-//! Exit status 0 when the guest ends it; otherwise non-zero with a one-line reason.
+//! `wisp-vmm`: start one micro-VM and run it until the guest ends it (reboot, power-off
+//! or triple fault) or the VMM is told to stop (signal, control API). Exit status 0 for
+//! those ends (`VmExit::exit_code`); 1 with a one-line reason when the VM cannot start
+//! or fails, 2 for bad arguments.
 
 use std::os::fd::RawFd;
 use std::process::ExitCode;

@@ -1,7 +1,8 @@
 //! wisp's wire protocols, shared by every component that speaks them:
 //! - `vmm`: the VMM control API (`wisp-vmm --api-sock`);
 //! - `agent`: the guest agent API (vsock port 1024);
-//! - `hybrid_vsock`: the host side of Firecracker-style hybrid vsock (`CONNECT <port>`).
+//! - `hybrid_vsock`: the host side of Firecracker-style hybrid vsock (`CONNECT <port>`);
+//! - `ids`: the rule for container and exec ids, which the shim and the agent both check.
 
 #[allow(warnings, clippy::all)]
 pub mod vmm {
@@ -24,6 +25,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod hybrid_vsock;
+pub mod ids;
 pub mod stdio;
 
 /// Version of the agent API. The shim refuses an agent that reports another one.

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::ops::RangeInclusive;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -112,6 +113,11 @@ pub enum StartError {
 
 const MIN_MEMORY_MIB: u64 = 16;
 
+/// How many vCPUs a VM may have: `MicroVm::start` refuses other counts, and
+/// `wisp-vmm --vcpus` takes the same bounds. (wisp-config's `hypervisor.vcpus` repeats
+/// them: that crate does not depend on this one.)
+pub const VCPU_COUNTS: RangeInclusive<u8> = 1..=64;
+
 /// A running micro-VM.
 pub struct MicroVm {
     vcpus: Arc<VcpuSet>,
@@ -178,8 +184,13 @@ impl MicroVm {
     /// timeline.
     pub fn start(config: &VmConfig, start: Instant) -> Result<Self, StartError> {
         let timeline = BootTimeline::new(start);
-        if config.vcpus == 0 || config.vcpus > 64 {
-            return Err(StartError::Config(format!("vcpus must be 1..=64, got {}", config.vcpus)));
+        if !VCPU_COUNTS.contains(&config.vcpus) {
+            return Err(StartError::Config(format!(
+                "vcpus must be {}..={}, got {}",
+                VCPU_COUNTS.start(),
+                VCPU_COUNTS.end(),
+                config.vcpus
+            )));
         }
         if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > (1 << 20) {
             return Err(StartError::Config(format!(

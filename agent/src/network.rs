@@ -42,22 +42,6 @@ impl NetworkError {
 
 type Result<T> = std::result::Result<T, NetworkError>;
 
-pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let bad = || NetworkError::Invalid(format!("MAC address {s:?} is not six hex bytes like 02:00:00:00:00:01"));
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        mac[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    Ok(mac)
-}
-
 /// "10.0.0.0/8" -> (addr, 8); "" -> None (default route).
 pub fn parse_cidr(s: &str) -> Result<Option<(IpAddr, u8)>> {
     if s.is_empty() || s == "default" {
@@ -177,7 +161,7 @@ impl Netlink {
 }
 
 pub fn update_interface(iface: &Interface) -> Result<Interface> {
-    let mac = parse_mac(&iface.mac)?;
+    let mac = wisp_protocols::mac::parse_mac(&iface.mac).map_err(NetworkError::Invalid)?;
     if !iface.name.is_empty() {
         check_ifname(&iface.name)?;
     }
@@ -323,11 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn macs_and_cidrs_parse() {
-        assert_eq!(parse_mac("02:00:0a:58:00:05").unwrap(), [2, 0, 10, 0x58, 0, 5]);
-        for bad in ["", "02:00", "02:00:0a:58:00:zz", "02:00:0a:58:00:005", "02-00-0a-58-00-05"] {
-            assert!(parse_mac(bad).is_err(), "{bad}");
-        }
+    fn cidrs_parse() {
         assert_eq!(parse_cidr("").unwrap(), None);
         assert_eq!(parse_cidr("10.88.0.0/16").unwrap(), Some(("10.88.0.0".parse().unwrap(), 16)));
         assert_eq!(parse_cidr("10.88.0.1").unwrap(), Some(("10.88.0.1".parse().unwrap(), 32)));
@@ -338,7 +318,10 @@ mod tests {
 
     #[test]
     fn interface_requests_are_checked_before_netlink() {
-        let mut i = Interface { name: "eth0".into(), mac: "02:00:00:00:00:01".into(), mtu: 10, ..Default::default() };
+        let mut i = Interface { name: "eth0".into(), mac: "02:00:00:00:00:+1".into(), ..Default::default() };
+        assert!(matches!(update_interface(&i), Err(NetworkError::Invalid(e)) if e.contains("is not a MAC address")));
+        i.mac = "02:00:00:00:00:01".into();
+        i.mtu = 10;
         assert!(matches!(update_interface(&i), Err(NetworkError::Invalid(_))));
         i.mtu = 1500;
         i.name = "a/b".into();

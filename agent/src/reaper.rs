@@ -1,4 +1,6 @@
-//! The one place that calls `waitpid` on the agent's children.
+//! The one place that reaps whichever of the agent's children has exited (`waitpid(-1)`).
+//! The only other waits are for one known pid, under the spawn guard (below): the spawn
+//! helper's (`spawn`) and libcontainer's intermediate process's.
 //!
 //! The agent is PID 1 in the guest (a child subreaper on a host), so every orphan of
 //! every container ends up as its child. A blind `waitpid(-1)` would steal exit

@@ -25,8 +25,6 @@ use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Process, Spec};
 
 /// Largest accepted spec or process JSON.
 pub const MAX_JSON_BYTES: usize = 2 << 20;
-/// Longest accepted container or exec id (the stdio stream header's limit).
-pub const MAX_ID_LEN: usize = wisp_protocols::stdio::MAX_ID_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -90,21 +88,10 @@ pub struct PreparedSpec {
     pub own_pid_ns: bool,
 }
 
+/// Checks a sandbox, container or exec id against the rule the shim applies to what
+/// containerd sends it (`wisp_protocols::ids::check_id`).
 pub fn validate_id(kind: &'static str, id: &str) -> Result<(), SpecError> {
-    let bad = |why| Err(SpecError::BadId { kind, id: id.chars().take(64).collect(), why });
-    if id.is_empty() {
-        return bad("it is empty");
-    }
-    if id.len() > MAX_ID_LEN {
-        return bad("it is longer than 256 bytes");
-    }
-    if id == "." || id == ".." || id.starts_with('.') {
-        return bad("it must not start with '.'");
-    }
-    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+')) {
-        return bad("only letters, digits and _ - . + are allowed");
-    }
-    Ok(())
+    wisp_protocols::ids::check_id(id).map_err(|why| SpecError::BadId { kind, id: id.chars().take(64).collect(), why })
 }
 
 fn check_size(what: &'static str, json: &[u8]) -> Result<(), SpecError> {
@@ -360,12 +347,10 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_checked() {
+    fn a_refused_id_names_its_kind_and_why() {
         assert!(validate_id("container", "abc-1.2_x+y").is_ok());
-        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ünï"] {
-            assert!(validate_id("container", bad).is_err(), "{bad:?}");
-        }
-        assert!(validate_id("exec", &"x".repeat(257)).is_err());
+        let e = validate_id("exec", "a/b").unwrap_err().to_string();
+        assert_eq!(e, "exec id \"a/b\" is invalid: only letters, digits and _ - . + are allowed");
     }
 
     fn minimal_spec(root: &Path) -> serde_json::Value {

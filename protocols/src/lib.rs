@@ -1,7 +1,9 @@
 //! wisp's wire protocols, shared by every component that speaks them:
 //! - `vmm`: the VMM control API (`wisp-vmm --api-sock`);
 //! - `agent`: the guest agent API (vsock port 1024);
-//! - `hybrid_vsock`: the host side of Firecracker-style hybrid vsock (`CONNECT <port>`).
+//! - `hybrid_vsock`: the host side of Firecracker-style hybrid vsock (`CONNECT <port>`);
+//! - `ids`: the rule for container and exec ids, which the shim and the agent both check;
+//! - `mac`: MAC address parsing, for the VMM's command line and the agent's interfaces.
 
 #[allow(warnings, clippy::all)]
 pub mod vmm {
@@ -24,6 +26,8 @@ pub mod agent_ttrpc {
 }
 
 pub mod hybrid_vsock;
+pub mod ids;
+pub mod mac;
 pub mod stdio;
 
 /// Version of the agent API. The shim refuses an agent that reports another one.

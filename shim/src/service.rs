@@ -34,6 +34,28 @@ fn status(e: TaskError) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
 }
 
+/// Refuses an id containerd sent that the agent would refuse (`wisp_protocols::ids`):
+/// checked on receipt, so a bad id fails before any VM boots or anything is mounted.
+fn check_id(kind: &str, id: &str) -> Result<(), TaskError> {
+    wisp_protocols::ids::check_id(id).map_err(|why| {
+        TaskError::InvalidArgument(format!("{kind} id {:?} is invalid: {why}", id.chars().take(64).collect::<String>()))
+    })
+}
+
+/// Create's request as `Sandbox::create` takes it, once its id and options are known good.
+fn create_request(req: CreateTaskRequest) -> Result<CreateRequest, TaskError> {
+    check_id("container", &req.id)?;
+    let config_path = crate::options::config_path_from_options(req.options.as_ref())
+        .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+    Ok(CreateRequest {
+        id: req.id,
+        bundle: PathBuf::from(&req.bundle),
+        rootfs: req.rootfs,
+        stdio: StdioPaths { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal },
+        config_path,
+    })
+}
+
 fn to_task_status(s: Status) -> TaskStatus {
     match s {
         Status::Created => TaskStatus::CREATED,
@@ -45,16 +67,7 @@ fn to_task_status(s: Status) -> TaskStatus {
 
 impl Task for TaskService {
     fn create(&self, _: &TtrpcContext, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
-        let config_path = crate::options::config_path_from_options(req.options.as_ref())
-            .map_err(|e| status(TaskError::InvalidArgument(e.to_string())))?;
-        let create = CreateRequest {
-            id: req.id.clone(),
-            bundle: PathBuf::from(&req.bundle),
-            rootfs: req.rootfs.clone(),
-            stdio: StdioPaths { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal },
-            config_path,
-        };
-        self.sandbox.create(create).map_err(status)?;
+        self.sandbox.create(create_request(req).map_err(status)?).map_err(status)?;
         Ok(CreateTaskResponse { pid: std::process::id(), ..Default::default() })
     }
 
@@ -69,6 +82,7 @@ impl Task for TaskService {
     }
 
     fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        check_id("exec", &req.exec_id).map_err(status)?;
         let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
         if spec.is_empty() {
             return Err(status(TaskError::InvalidArgument(format!("exec {}: no process spec", req.exec_id))));
@@ -166,5 +180,51 @@ impl Task for TaskService {
             self.sandbox.shutdown_now();
         }
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(id: &str) -> CreateTaskRequest {
+        CreateTaskRequest { id: id.into(), bundle: "/nonexistent/bundle".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn ids_the_agent_would_refuse_are_refused_on_receipt() {
+        // "a b" and "ünï" got past Sandbox::create's own check and failed only in the
+        // agent, after the VM had booted.
+        for (id, why) in [
+            ("a b", "only letters, digits and _ - . + are allowed"),
+            ("ünï", "only letters, digits and _ - . + are allowed"),
+            ("a/b", "only letters, digits and _ - . + are allowed"),
+            (".hidden", "it must not start with '.'"),
+            ("", "it is empty"),
+        ] {
+            let e = create_request(create(id)).err().unwrap_or_else(|| panic!("{id:?} was accepted"));
+            assert!(matches!(e, TaskError::InvalidArgument(_)), "{id:?}: {e}");
+            assert_eq!(e.to_string(), format!("container id {id:?} is invalid: {why}"));
+        }
+        let long = "x".repeat(300);
+        let e = create_request(create(&long)).err().unwrap().to_string();
+        assert!(e.starts_with(&format!("container id {:?} is invalid: it is longer than", &long[..64])), "{e}");
+
+        let e = check_id("exec", "e 1").unwrap_err();
+        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
+        assert_eq!(e.to_string(), "exec id \"e 1\" is invalid: only letters, digits and _ - . + are allowed");
+    }
+
+    #[test]
+    fn a_good_create_request_is_passed_on_as_sent() {
+        let mut req = create("c1-abc_1.2+x");
+        req.stdout = "/run/out".into();
+        req.terminal = true;
+        let c = create_request(req).unwrap();
+        assert_eq!(c.id, "c1-abc_1.2+x");
+        assert_eq!(c.bundle, PathBuf::from("/nonexistent/bundle"));
+        assert_eq!((c.stdio.stdout.as_str(), c.stdio.terminal), ("/run/out", true));
+        assert_eq!(c.config_path, None);
+        assert!(check_id("exec", "exec-1").is_ok());
     }
 }

@@ -144,7 +144,7 @@ impl VmmProcess {
         arg("--vsock-uds", &paths.vsock());
         arg("--vsock-cid", &GUEST_CID.to_string());
         arg("--api-sock", &paths.api());
-        arg("--shared-dir", &format!("wisp={}", paths.shared().display()));
+        arg("--shared-dir", &format!("{}={}", crate::sandbox::SHARED_FS_TAG, paths.shared().display()));
         if config.runtime.debug {
             arg("--console", &paths.console());
             arg("--log-level", &"info");

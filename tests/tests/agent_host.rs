@@ -25,7 +25,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------- the agent
 
 /// The agent under test: `WISP_AGENT_BIN` (e.g. the static release build), else the
-/// debug build, built here first.
+/// debug build, built here first. A failed build fails the case: an older binary left
+/// in the target directory would test code other than the tree's.
 fn agent_binary() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WISP_AGENT_BIN") {
         return Ok(PathBuf::from(bin));
@@ -44,13 +45,8 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
             Err(format!("cargo build -p wisp-agent failed: {st}"))
         }
     });
-    let bin = wisp_tests::artifact("debug/wisp-agent");
     match built {
-        Ok(()) => Ok(bin),
-        Err(e) if bin.is_file() => {
-            eprintln!("warning: {e}; using the existing {}", bin.display());
-            Ok(bin)
-        }
+        Ok(()) => Ok(wisp_tests::artifact("debug/wisp-agent")),
         Err(e) => bail!("{e}"),
     }
 }

@@ -1,10 +1,13 @@
 //! Building and running a micro-VM from a `VmConfig`: memory, kernel, legacy devices,
 //! virtio-mmio devices, vCPUs and the device thread. Every step that can fail returns
-//! a `StartError` naming what failed; nothing is left running on failure (the vCPU and
-//! device threads start last).
+//! a `StartError` naming what failed. The threads start last, so a failure before them
+//! leaves nothing running; a failure while starting them (the device thread starts
+//! first, then one thread per vCPU) leaves the threads already started running, with no
+//! way to stop them: the caller must end the process (`wisp-vmm` exits).
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::ops::RangeInclusive;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -110,6 +113,11 @@ pub enum StartError {
 
 const MIN_MEMORY_MIB: u64 = 16;
 
+/// How many vCPUs a VM may have: `MicroVm::start` refuses other counts, and
+/// `wisp-vmm --vcpus` takes the same bounds. (wisp-config's `hypervisor.vcpus` repeats
+/// them: that crate does not depend on this one.)
+pub const VCPU_COUNTS: RangeInclusive<u8> = 1..=64;
+
 /// A running micro-VM.
 pub struct MicroVm {
     vcpus: Arc<VcpuSet>,
@@ -176,8 +184,13 @@ impl MicroVm {
     /// timeline.
     pub fn start(config: &VmConfig, start: Instant) -> Result<Self, StartError> {
         let timeline = BootTimeline::new(start);
-        if config.vcpus == 0 || config.vcpus > 64 {
-            return Err(StartError::Config(format!("vcpus must be 1..=64, got {}", config.vcpus)));
+        if !VCPU_COUNTS.contains(&config.vcpus) {
+            return Err(StartError::Config(format!(
+                "vcpus must be {}..={}, got {}",
+                VCPU_COUNTS.start(),
+                VCPU_COUNTS.end(),
+                config.vcpus
+            )));
         }
         if config.memory_mib < MIN_MEMORY_MIB || config.memory_mib > (1 << 20) {
             return Err(StartError::Config(format!(
@@ -366,26 +379,6 @@ impl MicroVm {
     /// A sender that ends the VM when something is sent (signals, control API).
     pub fn exit_sender(&self) -> Sender<VmExit> {
         self.exits_tx.clone()
-    }
-
-    pub fn timeline(&self) -> &BootTimeline {
-        &self.timeline
-    }
-
-    pub fn pause(&self) -> bool {
-        self.vcpus.pause()
-    }
-
-    pub fn resume(&self) {
-        self.vcpus.resume()
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.vcpus.is_paused()
-    }
-
-    pub fn memory_bytes(&self) -> u64 {
-        self.vm.mem_bytes
     }
 
     /// The handle the control API works through.

@@ -6,6 +6,8 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use wisp_vmm::builder::VCPU_COUNTS;
+
 /// What the command line asks for.
 #[derive(Debug, PartialEq)]
 #[allow(clippy::large_enum_variant)] // one value per process
@@ -86,7 +88,7 @@ const OPTIONS: &[Opt] = &[
     opt("kernel", "PATH", "Guest kernel (required): uncompressed vmlinux (ELF, PVH entry preferred) or bzImage."),
     opt("initrd", "PATH", "Initial ramdisk (cpio, optionally compressed)."),
     opt("cmdline", "ARGS", "Extra kernel command line, appended to what the VMM sets (console, devices)."),
-    opt("vcpus", "N", "vCPUs (default 1)."),
+    opt("vcpus", "N", "vCPUs, 1 to 64 (default 1)."),
     opt("memory-mib", "N", "Guest memory in MiB (default 128)."),
     opt("console", "off|stdout|PATH", "Guest console (default off: every byte printed costs a VM exit)."),
     opt("vsock-uds", "PATH", "Host Unix socket of the hybrid vsock device (hosts send `CONNECT <port>\\n`)."),
@@ -178,10 +180,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             }
         };
         let text = |v: OsString| v.into_string().map_err(|v| format!("--{name} {v:?}: not valid UTF-8"));
-        let number = |v: OsString, max: u64| -> Result<u64, String> {
+        let in_range = |v: OsString, min: u64, max: u64| -> Result<u64, String> {
             let v = text(v)?;
-            v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| format!("--{name} {v}: use a number 0 to {max}"))
+            let n = v.parse::<u64>().ok().filter(|n| (min..=max).contains(n));
+            n.ok_or_else(|| format!("--{name} {v}: use a number {min} to {max}"))
         };
+        let number = |v: OsString, max: u64| in_range(v, 0, max);
         match (name, value) {
             ("help", _) => return Ok(Command::Help),
             ("version", _) => return Ok(Command::Version),
@@ -189,7 +193,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             ("kernel", Some(v)) => kernel = Some(PathBuf::from(v)),
             ("initrd", Some(v)) => a.initrd = Some(v.into()),
             ("cmdline", Some(v)) => a.cmdline = text(v)?,
-            ("vcpus", Some(v)) => a.vcpus = number(v, u8::MAX.into())? as u8,
+            ("vcpus", Some(v)) => {
+                a.vcpus = in_range(v, (*VCPU_COUNTS.start()).into(), (*VCPU_COUNTS.end()).into())? as u8
+            }
             ("memory-mib", Some(v)) => a.memory_mib = number(v, u64::MAX)?,
             ("console", Some(v)) => a.console = text(v)?,
             ("vsock-uds", Some(v)) => a.vsock_uds = Some(v.into()),
@@ -318,7 +324,7 @@ mod tests {
             (&["--initrd", "i"], "--kernel PATH is required"),
             (&["--kernel"], "--kernel needs a value (PATH)"),
             (&["--kernel", "k", "--kernel", "l"], "--kernel is given twice"),
-            (&["--kernel", "k", "--vcpus", "256"], "--vcpus 256: use a number 0 to 255"),
+            (&["--kernel", "k", "--vcpus", "256"], "--vcpus 256: use a number 1 to 64"),
             (&["--kernel", "k", "--vcpus", "-1"], "--vcpus -1: use a number"),
             (&["--kernel", "k", "--memory-mib", "lots"], "--memory-mib lots: use a number"),
             (&["--kernel", "k", "--vsock-cid="], "--vsock-cid : use a number"),
@@ -332,6 +338,18 @@ mod tests {
             let e = parse_strs(args).unwrap_err();
             assert!(e.contains(want), "{args:?}: {e}");
             assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn vcpus_take_the_librarys_bounds() {
+        assert_eq!(VCPU_COUNTS, 1..=64, "the help text and the errors below spell out 1 to 64");
+        assert!(help().contains("vCPUs, 1 to 64"));
+        assert_eq!(run(&["--kernel", "k", "--vcpus", "1"]).vcpus, 1);
+        assert_eq!(run(&["--kernel", "k", "--vcpus", "64"]).vcpus, 64);
+        for bad in ["0", "65", "256", "100000"] {
+            let e = parse_strs(&["--kernel", "k", "--vcpus", bad]).unwrap_err();
+            assert_eq!(e, format!("--vcpus {bad}: use a number 1 to 64"));
         }
     }
 

@@ -41,7 +41,8 @@ pub enum VmExit {
 }
 
 impl VmExit {
-    /// The process exit status for this end: 0 for a guest-initiated end.
+    /// The process exit status for this end: 0 when the guest ended the VM (a triple fault
+    /// included) or the VMM was told to stop, 1 for an error.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::GuestReset | VmExit::GuestPowerOff | VmExit::GuestTripleFault(_) => 0,

@@ -1,5 +1,7 @@
-//! `wisp-vmm`: start one micro-VM and run it until the guest reboots or powers off.
-//! Exit status 0 when the guest ends it; otherwise non-zero with a one-line reason.
+//! `wisp-vmm`: start one micro-VM and run it until the guest ends it (reboot, power-off
+//! or triple fault) or the VMM is told to stop (signal, control API). Exit status 0 for
+//! those ends (`VmExit::exit_code`); 1 with a one-line reason when the VM cannot start
+//! or fails, 2 for bad arguments.
 
 use std::os::fd::RawFd;
 use std::process::ExitCode;
@@ -475,8 +477,8 @@ mod tests {
             (format!("fd=3,tap=x,{m}"), "'tap=x': give one fd= or tap="),
             (format!("fd=3,fd=4,{m}"), "'fd=4': give one fd= or tap="),
             (format!("fd=3,{m},{m}"), "mac= is given twice"),
-            ("fd=3,mac=02:00:00:00:00".to_string(), "mac: '02:00:00:00:00' is not a MAC address"),
-            ("fd=3,mac=02:00:00:00:00:0g".to_string(), "'02:00:00:00:00:0g' is not a MAC address"),
+            ("fd=3,mac=02:00:00:00:00".to_string(), "mac: \"02:00:00:00:00\" is not a MAC address"),
+            ("fd=3,mac=02:00:00:00:00:0g".to_string(), "\"02:00:00:00:00:0g\" is not a MAC address"),
             ("fd=3,mac=02-00-00-00-00-01".to_string(), "is not a MAC address"),
             ("fd=3,mac=2:0:0:0:0:1".to_string(), "is not a MAC address"),
             ("fd=3,mac=03:00:00:00:00:01".to_string(), "multicast"),

@@ -100,23 +100,16 @@ pub enum ChainError {
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
-    /// Parses `AA:BB:CC:DD:EE:FF` (hex digits, either case). The address must be usable
-    /// as a NIC's own: not multicast (lowest bit of the first byte) and not all zeros.
+    /// Parses `AA:BB:CC:DD:EE:FF` (hex digits, either case: `wisp_protocols::mac`). The
+    /// address must be usable as a NIC's own: not multicast (lowest bit of the first
+    /// byte) and not all zeros.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split(':').collect();
-        let hex_pair = |p: &&str| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit());
-        if parts.len() != 6 || !parts.iter().all(hex_pair) {
-            return Err(format!("'{s}' is not a MAC address (want six hex pairs such as 02:00:00:00:00:01)"));
-        }
-        let mut mac = [0u8; 6];
-        for (byte, part) in mac.iter_mut().zip(&parts) {
-            *byte = u8::from_str_radix(part, 16).map_err(|e| format!("'{s}': {e}"))?;
-        }
+        let mac = wisp_protocols::mac::parse_mac(s)?;
         if mac[0] & 1 != 0 {
-            return Err(format!("'{s}' is a multicast address; a NIC needs a unicast one (even first byte)"));
+            return Err(format!("{s:?} is a multicast address; a NIC needs a unicast one (even first byte)"));
         }
         if mac == [0; 6] {
-            return Err(format!("'{s}' is the all-zero address"));
+            return Err(format!("{s:?} is the all-zero address"));
         }
         Ok(Self(mac))
     }

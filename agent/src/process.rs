@@ -33,7 +33,7 @@ pub struct Process {
 
 impl Process {
     pub fn has_exited(&self) -> bool {
-        self.exit.has_exited()
+        self.exit.is_set()
     }
 
     pub fn signal(&self, reaper: &Reaper, signal: i32) -> Result<(), ProcessError> {

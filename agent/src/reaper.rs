@@ -59,37 +59,7 @@ impl ExitStatus {
 }
 
 /// Where one process's exit status lands; any number of threads may wait on it.
-#[derive(Debug, Default)]
-pub struct ExitCell {
-    status: Mutex<Option<ExitStatus>>,
-    changed: Condvar,
-}
-
-impl ExitCell {
-    pub fn get(&self) -> Option<ExitStatus> {
-        *self.status.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn has_exited(&self) -> bool {
-        self.get().is_some()
-    }
-
-    pub fn set(&self, st: ExitStatus) {
-        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        if s.is_none() {
-            *s = Some(st);
-        }
-        self.changed.notify_all();
-    }
-
-    /// Waits up to `timeout` for the exit status.
-    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
-        let guard = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let (guard, _) =
-            self.changed.wait_timeout_while(guard, timeout, |s| s.is_none()).unwrap_or_else(|e| e.into_inner());
-        *guard
-    }
-}
+pub type ExitCell = wisp_protocols::exit::ExitCell<ExitStatus>;
 
 #[derive(Default)]
 pub struct Reaper {
@@ -147,7 +117,7 @@ impl Reaper {
     pub fn signal(&self, pid: Pid, cell: &ExitCell, signal: i32) -> Result<(), ReaperError> {
         let sig = Signal::try_from(signal).map_err(|_| ReaperError::BadSignal(signal))?;
         let _g = self.read_guard();
-        if cell.has_exited() {
+        if cell.is_set() {
             return Err(ReaperError::AlreadyExited(pid.as_raw()));
         }
         match kill(pid, sig) {
@@ -239,18 +209,6 @@ mod tests {
         assert_eq!(ExitStatus::from_wait(WaitStatus::Signaled(p, Signal::SIGTERM, true)).unwrap().status, 143);
         assert!(ExitStatus::from_wait(WaitStatus::StillAlive).is_none());
         assert!(ExitStatus::from_wait(WaitStatus::Continued(p)).is_none());
-    }
-
-    #[test]
-    fn exit_cell_keeps_the_first_status_and_wakes_waiters() {
-        let cell = Arc::new(ExitCell::default());
-        assert!(cell.wait_timeout(Duration::from_millis(10)).is_none());
-        let c = cell.clone();
-        let waiter = std::thread::spawn(move || c.wait_timeout(Duration::from_secs(10)));
-        cell.set(ExitStatus { status: 7, at: SystemTime::now() });
-        cell.set(ExitStatus { status: 9, at: SystemTime::now() });
-        assert_eq!(waiter.join().unwrap().unwrap().status, 7);
-        assert_eq!(cell.get().unwrap().status, 7);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! wisp's wire protocols, shared by every component that speaks them:
 //! - `vmm`: the VMM control API (`wisp-vmm --api-sock`);
 //! - `agent`: the guest agent API (vsock port 1024);
+//! - `exit`: the set-once cell an exit status is recorded in and waited for (agent and shim);
 //! - `hybrid_vsock`: the host side of Firecracker-style hybrid vsock (`CONNECT <port>`);
 //! - `ids`: the rule for container and exec ids, which the shim and the agent both check;
 //! - `mac`: MAC address parsing, for the VMM's command line and the agent's interfaces.
@@ -25,6 +26,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod exit;
 pub mod hybrid_vsock;
 pub mod ids;
 pub mod mac;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::io::{ProcessIo, StdioPaths};
@@ -63,38 +63,15 @@ pub struct Exit {
     pub at: SystemTime,
 }
 
-/// Where a process's exit is published once; any number of waiters.
-#[derive(Default)]
-pub struct ExitCell {
-    exit: Mutex<Option<Exit>>,
-    cv: Condvar,
-}
-
-impl ExitCell {
-    /// Records the exit; the first record wins.
-    pub fn set(&self, status: u32) -> Exit {
-        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        *e.get_or_insert(Exit { status, at: SystemTime::now() })
-    }
-
-    pub fn get(&self) -> Option<Exit> {
-        *self.exit.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn wait(&self) -> Exit {
-        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(x) = *e {
-                return x;
-            }
-            e = self.cv.wait(e).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    pub fn notify(&self) {
-        self.cv.notify_all();
+impl Exit {
+    /// An exit with `status`, now.
+    pub fn now(status: u32) -> Self {
+        Self { status, at: SystemTime::now() }
     }
 }
+
+/// Where a process's exit is published once (the first record wins); any number of waiters.
+pub type ExitCell = wisp_protocols::exit::ExitCell<Exit>;
 
 pub struct Process {
     pub exec_id: String,
@@ -166,19 +143,5 @@ mod tests {
         assert!(transition(Status::Running, Action::Resume).is_err());
         let e = transition(Status::Stopped, Action::Exit).unwrap_err();
         assert_eq!(e.to_string(), "cannot stop a process that is Stopped");
-    }
-
-    #[test]
-    fn exit_cell_first_record_wins_and_wakes_waiters() {
-        let c = Arc::new(ExitCell::default());
-        let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.wait().status);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        c.set(3);
-        c.notify();
-        c.set(9);
-        assert_eq!(t.join().unwrap(), 3);
-        assert_eq!(c.get().unwrap().status, 3);
-        assert!(ExitCell::default().get().is_none());
     }
 }

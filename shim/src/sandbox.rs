@@ -333,8 +333,7 @@ impl Sandbox {
             for p in procs {
                 if p.status != Status::Stopped {
                     let _ = p.apply(Action::Exit);
-                    let e = p.exit.set(VM_GONE_STATUS);
-                    p.exit.notify();
+                    let e = p.exit.set(Exit::now(VM_GONE_STATUS));
                     if p.guest_pid != 0 {
                         exits.push((c.id.clone(), p.exec_id.clone(), e));
                     }
@@ -498,10 +497,7 @@ impl Sandbox {
             // Wait call holds a ttrpc worker) must wake up now, not never.
             let _ = self.with_process(cid, eid, |p| {
                 let _ = p.apply(Action::Exit);
-                if p.exit.get().is_none() {
-                    p.exit.set(START_FAILED_STATUS);
-                }
-                p.exit.notify();
+                p.exit.set(Exit::now(START_FAILED_STATUS));
                 Ok(())
             });
         }
@@ -591,8 +587,7 @@ impl Sandbox {
                     return Ok(None);
                 }
                 let _ = p.apply(Action::Exit);
-                let e = p.exit.set(status);
-                p.exit.notify();
+                let e = p.exit.set(Exit::now(status));
                 Ok(Some(e))
             });
             if let Ok(Some(e)) = exit {
@@ -655,8 +650,7 @@ impl Sandbox {
             }
             let p = c.execs.remove(eid).ok_or_else(|| TaskError::NotFound(eid.into()))?;
             // An exec deleted without ever running: wake anyone waiting for it.
-            let exit = p.exit.get().unwrap_or_else(|| p.exit.set(START_FAILED_STATUS));
-            p.exit.notify();
+            let exit = p.exit.get().unwrap_or_else(|| p.exit.set(Exit::now(START_FAILED_STATUS)));
             return Ok((std::process::id(), exit));
         }
         let (status, exit) = self.with_process(cid, "", |p| Ok((p.status, p.exit.get())))?;
@@ -671,7 +665,7 @@ impl Sandbox {
             }
         }
         let removed = self.lock().containers.remove(cid);
-        let exit = exit.unwrap_or(Exit { status: 0, at: SystemTime::now() });
+        let exit = exit.unwrap_or(Exit::now(0));
         if let Some(mut c) = removed {
             if let Some(io) = c.init.io.take() {
                 io.lock().unwrap_or_else(|e| e.into_inner()).close_stdin();
@@ -691,8 +685,7 @@ impl Sandbox {
         );
         if self.lock().containers.is_empty() {
             self.teardown();
-            self.done.set(0);
-            self.done.notify();
+            self.done.set(Exit::now(0));
         }
         Ok((std::process::id(), exit))
     }
@@ -706,8 +699,7 @@ impl Sandbox {
             // Never started: nothing runs in the guest yet; it just becomes stopped.
             let exit = self.with_process(cid, eid, |p| {
                 let _ = p.apply(Action::Exit);
-                let e = p.exit.set(128 + signal);
-                p.exit.notify();
+                let e = p.exit.set(Exit::now(128 + signal));
                 Ok(e)
             })?;
             self.publish_exit(cid, eid, exit);
@@ -831,8 +823,7 @@ impl Sandbox {
             }
         }
         self.teardown();
-        self.done.set(0);
-        self.done.notify();
+        self.done.set(Exit::now(0));
     }
 }
 

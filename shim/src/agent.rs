@@ -122,6 +122,7 @@ pub fn call_error(call: &'static str, e: ttrpc::Error) -> AgentError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn agent_errors_keep_their_class() {
@@ -142,5 +143,94 @@ mod tests {
         assert_eq!(class(task_error("StartContainer", status(ttrpc::Code::FAILED_PRECONDITION))).0, "precondition");
         assert_eq!(class(task_error("StatsContainer", status(ttrpc::Code::DEADLINE_EXCEEDED))).0, "internal");
         assert_eq!(class(task_error("ExecProcess", ttrpc::Error::LocalClosed)).0, "internal");
+    }
+
+    /// An agent that answers Check with `api_version`.
+    struct FakeAgent {
+        api_version: u32,
+        checks: std::sync::atomic::AtomicU32,
+    }
+
+    impl wisp_protocols::agent_ttrpc::Agent for FakeAgent {
+        fn check(
+            &self,
+            _ctx: &ttrpc::TtrpcContext,
+            req: CheckRequest,
+        ) -> ttrpc::Result<wisp_protocols::agent::CheckResponse> {
+            assert_eq!(req.api_version, AGENT_API_VERSION, "the shim sends its own version");
+            self.checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(wisp_protocols::agent::CheckResponse {
+                api_version: self.api_version,
+                agent_version: "fake".into(),
+                ..Default::default()
+            })
+        }
+    }
+
+    /// A fake VM: a ttrpc agent on a Unix socket, reached the way the shim reaches the
+    /// real one, through a hybrid-vsock socket that answers `CONNECT 1024` with `OK` and
+    /// then relays the bytes. Returns the vsock socket's path and the agent.
+    fn fake_vm(dir: &Path, api_version: u32) -> (std::path::PathBuf, ttrpc::Server, Arc<FakeAgent>) {
+        use std::io::{BufRead, Write};
+        let agent = Arc::new(FakeAgent { api_version, checks: Default::default() });
+        let agent_sock = dir.join("agent.sock");
+        let service: Arc<dyn wisp_protocols::agent_ttrpc::Agent + Send + Sync> = agent.clone();
+        let mut server = ttrpc::Server::new()
+            .bind(&format!("unix://{}", agent_sock.display()))
+            .unwrap()
+            .register_service(wisp_protocols::agent_ttrpc::create_agent(service));
+        server.start().unwrap();
+        let vsock = dir.join("vsock.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&vsock).unwrap();
+        std::thread::spawn(move || {
+            for host in listener.incoming() {
+                let Ok(mut host) = host else { return };
+                let mut line = String::new();
+                std::io::BufReader::new(host.try_clone().unwrap()).read_line(&mut line).unwrap();
+                assert_eq!(line, format!("CONNECT {AGENT_TTRPC_PORT}\n"));
+                let guest = std::os::unix::net::UnixStream::connect(&agent_sock).unwrap();
+                host.write_all(b"OK 1073741824\n").unwrap();
+                for (mut from, mut to) in [(host.try_clone().unwrap(), guest.try_clone().unwrap()), (guest, host)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        (vsock, server, agent)
+    }
+
+    fn connect(vsock: &Path) -> Result<Agent, AgentError> {
+        let s = Duration::from_secs;
+        Agent::connect(vsock, s(5), s(30), s(5), &|| None)
+    }
+
+    #[test]
+    fn an_agent_of_another_api_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vsock, _server, agent) = fake_vm(dir.path(), AGENT_API_VERSION + 1);
+        match connect(&vsock) {
+            Err(AgentError::Version { agent, shim }) => {
+                assert_eq!((agent, shim), (AGENT_API_VERSION + 1, AGENT_API_VERSION));
+            }
+            Err(e) => panic!("want a version error, got: {e}"),
+            Ok(_) => panic!("the shim accepted an agent of API version {}", AGENT_API_VERSION + 1),
+        }
+        // Refused at the first answer: a version mismatch is not retried until the deadline.
+        assert_eq!(agent.checks.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let msg = connect(&vsock).err().unwrap().to_string();
+        assert!(msg.contains(&format!("API version {}", AGENT_API_VERSION + 1)), "{msg}");
+    }
+
+    #[test]
+    fn an_agent_of_the_same_api_version_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vsock, _server, agent) = fake_vm(dir.path(), AGENT_API_VERSION);
+        let a = connect(&vsock).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(agent.checks.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The connection is the agent's: a second Check goes through it.
+        let again = a.client.check(a.ctx(), &CheckRequest { api_version: AGENT_API_VERSION, ..Default::default() });
+        assert_eq!(again.unwrap().api_version, AGENT_API_VERSION);
     }
 }

@@ -375,9 +375,13 @@ mod tests {
 
         let slow =
             Hook { args: vec!["sh".into(), "-c".into(), "sleep 30".into()], timeout: Duration::from_secs(1), ..h };
+        // Killed at its 1 s timeout, not left to end: `sleep 30` would end on its own at
+        // 30 s, so returning before that is the functional check, not a speed claim.
         let t = Instant::now();
         let e = run("createRuntime", &[slow], &st).unwrap_err().to_string();
-        assert!(e.contains("killed") && t.elapsed() < Duration::from_secs(10), "{e}");
+        let took = t.elapsed();
+        eprintln!("the slow hook was ended after {took:?}");
+        assert!(e.contains("killed") && took < Duration::from_secs(30), "{e} (after {took:?})");
 
         let missing = Hook { path: "/nonexistent/hook".into(), args: vec![], env: vec![], timeout: DEFAULT_TIMEOUT };
         let e = run("createRuntime", &[missing], &st).unwrap_err().to_string();

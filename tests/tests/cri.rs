@@ -348,7 +348,8 @@ fn containers_share_the_pod_vm() -> CaseResult {
     ensure_that!(on_host.trim() == "written-by-a", "the host directory holds {on_host:?}");
     // Each container reaches the volume through its own path on the share, so a change
     // made through one shows in the other once the guest's cached attributes expire (the
-    // share's cache mode "auto": about a second).
+    // share's cache mode "auto": about a second). The give-up bound is far beyond that:
+    // it only tells "never visible" from "visible", it is not a speed claim.
     e.exec(&b, &["sh", "-c", "echo reply-from-b >> /shared/note"])?;
     let t = Instant::now();
     loop {
@@ -356,7 +357,7 @@ fn containers_share_the_pod_vm() -> CaseResult {
         if seen.lines().collect::<Vec<_>>() == ["written-by-a", "reply-from-b"] {
             break;
         }
-        ensure_that!(t.elapsed() < Duration::from_secs(10), "a still reads {seen:?} 10 s after b appended to the file");
+        ensure_that!(t.elapsed() < Duration::from_secs(120), "b's append never became visible to a: a reads {seen:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("cri: b's append visible to a after {:.1}s", t.elapsed().as_secs_f64());
@@ -385,15 +386,19 @@ fn exec_sync_streams_exit_code_and_timeout() -> CaseResult {
         r.stdout.lines().count()
     );
 
-    // containerd kills the exec at the timeout and answers with an error.
+    // containerd kills the exec at the timeout and answers with an error. The client
+    // gives up 60 s after the exec's timeout (code None), well before the sleep would
+    // end: an answer at all means the exec was ended at its timeout, not at its end.
     let t = Instant::now();
     let r = e.cri.exec_sync(&cid, &["sleep", "77"], 2);
     let took = t.elapsed();
     match r {
-        Err(err) => ensure_that!(err.message.contains("timeout"), "timed-out exec: {err}"),
+        Err(err) => ensure_that!(
+            err.code.is_some() && err.message.contains("timeout"),
+            "timed-out exec, want containerd's timeout error: {err}"
+        ),
         Ok(r) => bail!("exec sleep 77 with a 2 s timeout returned {r:?} after {took:?}"),
     }
-    ensure_that!(took < Duration::from_secs(60), "the 2 s exec timeout took {took:?}");
     let ps = e.exec(&cid, &["ps", "-o", "args"])?;
     ensure_that!(!ps.lines().any(|l| l.trim() == "sleep 77"), "the timed-out exec still runs:\n{ps}");
     e.running(&cid)?;
@@ -404,9 +409,10 @@ fn exec_sync_streams_exit_code_and_timeout() -> CaseResult {
     e.pass()
 }
 
-/// ExecSync of a binary the container does not have fails at once (runc: an error within
-/// a second), and leaves nothing behind once the pod is gone.
-fn exec_sync_of_a_missing_binary_fails_fast() -> CaseResult {
+/// ExecSync of a binary the container does not have fails with an answer (an error or a
+/// non-zero exit; the client's call deadline only turns a hang into a failure), the
+/// container still runs, and nothing is left behind once the pod is gone.
+fn exec_sync_of_a_missing_binary_fails() -> CaseResult {
     skip_unless_wisp_ready!();
     let e = env()?;
     let pod = e.pod("noexec")?.build();
@@ -416,8 +422,10 @@ fn exec_sync_of_a_missing_binary_fails_fast() -> CaseResult {
     let r = e.cri.exec_sync(&cid, &["/no/such/binary"], 0);
     let took = t.elapsed();
     eprintln!("cri: exec of a missing binary: {r:?} after {:.1}s", took.as_secs_f64());
-    ensure_that!(r.as_ref().map_or(true, |r| r.exit_code != 0), "a missing binary ran: {r:?}");
-    ensure_that!(took < Duration::from_secs(20), "ExecSync of a missing binary took {took:?}: {r:?}");
+    match &r {
+        Ok(r) => ensure_that!(r.exit_code != 0, "a missing binary ran: {r:?}"),
+        Err(err) => ensure_that!(err.code.is_some(), "ExecSync of a missing binary hung: {err}"),
+    }
     e.running(&cid)?;
     e.exec(&cid, &["true"])?;
     e.remove_pod(&sid)?;
@@ -703,7 +711,7 @@ fn main() {
         .case("pod_runs_in_its_own_vm", pod_runs_in_its_own_vm)
         .case("containers_share_the_pod_vm", containers_share_the_pod_vm)
         .case("exec_sync_streams_exit_code_and_timeout", exec_sync_streams_exit_code_and_timeout)
-        .case("exec_sync_of_a_missing_binary_fails_fast", exec_sync_of_a_missing_binary_fails_fast)
+        .case("exec_sync_of_a_missing_binary_fails", exec_sync_of_a_missing_binary_fails)
         .case("container_logs_complete_after_exit", container_logs_complete_after_exit)
         .case("container_stats", container_stats)
         .case("stop_and_remove_leave_nothing", stop_and_remove_leave_nothing)

@@ -29,7 +29,7 @@ use wisp_tests::procs::{
     all_shim_pids, all_vmm_pids, host_kernel, mounts_under, processes, vmm_pids, wait_pod_gone, STATE_DIR,
 };
 use wisp_tests::rootfs::{need_busybox, HOST_BUSYBOX};
-use wisp_tests::{artifact, ensure_that, need_built, skip_unless};
+use wisp_tests::{ensure_that, need_built, skip_unless};
 
 const WISP: &str = "wisp";
 const RUNC: &str = "runc";
@@ -58,27 +58,9 @@ fn need_artifacts() -> Option<String> {
     need_built(&["release/containerd-shim-wisp-v2", "release/wisp-vmm", "guest/vmlinux", "guest/initrd.img"])
 }
 
-/// The VMM must have its network device (`--net`).
-fn need_vmm_net() -> Option<String> {
-    let vmm = artifact("release/wisp-vmm");
-    match Command::new(&vmm).arg("--help").output() {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("--net") => None,
-        Ok(_) => Some(format!("{} has no --net option (no virtio-net device yet)", vmm.display())),
-        Err(e) => Some(format!("cannot run {}: {e}", vmm.display())),
-    }
-}
-
 macro_rules! skip_unless_net_ready {
     () => {
-        skip_unless!(
-            need_root(),
-            need_containerd(),
-            need_busybox(),
-            need_artifacts(),
-            need_cni(),
-            need_full_kvm(),
-            need_vmm_net()
-        )
+        skip_unless!(need_root(), need_containerd(), need_busybox(), need_artifacts(), need_cni(), need_full_kvm())
     };
 }
 

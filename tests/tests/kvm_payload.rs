@@ -8,9 +8,8 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use anyhow::Context;
+use vm_memory::{Bytes, GuestAddress};
 use wisp_tests::harness::{need_kvm, CaseResult, Outcome, Suite};
 use wisp_tests::{ensure_that, skip_unless};
 use wisp_vmm::arch::layout;
@@ -30,39 +29,6 @@ fn real_mode(vcpu: &kvm_ioctls::VcpuFd, entry: u64) -> anyhow::Result<()> {
     let regs = kvm_bindings::kvm_regs { rip: entry, rflags: 2, ..Default::default() };
     vcpu.set_regs(&regs)?;
     Ok(())
-}
-
-/// `out 0x3f8, 'W'`, `out 0x3f8, 'K'`, `hlt`, on a bare VM without irqchip.
-fn port_io_then_hlt() -> CaseResult {
-    skip_unless!(need_kvm());
-    let kvm = Kvm::new()?;
-    let vm = kvm.create_vm()?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])?;
-    let code: &[u8] = &[0xba, 0xf8, 0x03, 0xb0, b'W', 0xee, 0xb0, b'K', 0xee, 0xf4];
-    mem.write_slice(code, GuestAddress(0x1000))?;
-    let region = kvm_bindings::kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: 0x10000,
-        userspace_addr: mem.get_host_address(GuestAddress(0))? as u64,
-        flags: 0,
-    };
-    // SAFETY: `mem` outlives the VM in this function.
-    unsafe { vm.set_user_memory_region(region)? };
-    let mut vcpu = vm.create_vcpu(0)?;
-    real_mode(&vcpu, 0x1000)?;
-    let mut out = Vec::new();
-    for _ in 0..16 {
-        match vcpu.run()? {
-            VcpuExit::IoOut(0x3f8, data) => out.extend_from_slice(data),
-            VcpuExit::Hlt => {
-                ensure_that!(out == b"WK", "port output was {out:?}, want \"WK\"");
-                return Ok(Outcome::Passed);
-            }
-            other => bail!("unexpected exit {other:?}"),
-        }
-    }
-    bail!("payload did not halt")
 }
 
 #[derive(Clone, Default)]
@@ -133,8 +99,5 @@ fn mmio_serial_and_reset_through_the_vmm() -> CaseResult {
 }
 
 fn main() {
-    Suite::new("kvm_payload")
-        .case("port_io_then_hlt", port_io_then_hlt)
-        .case("mmio_serial_and_reset_through_the_vmm", mmio_serial_and_reset_through_the_vmm)
-        .run()
+    Suite::new("kvm_payload").case("mmio_serial_and_reset_through_the_vmm", mmio_serial_and_reset_through_the_vmm).run()
 }

@@ -34,8 +34,8 @@ use wisp_tests::{cni, go_tool, image};
 /// `pkg/validate`), built here from the busybox rootfs with what the specs rely on:
 /// the users and groups of the busybox image (`nobody`, `www-data`), `pgrep` and `ipcs`
 /// (Debian's busybox has neither applet: procps' and util-linux' binaries with their
-/// libraries), and for the nginx images a web server whose PID 1 is named like nginx's
-/// master process and keeps its pid where nginx does.
+/// libraries), for the nginx images a web server whose PID 1 is named like nginx's
+/// master process and keeps its pid where nginx does, and the rest in `IMAGES`.
 const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
 const NGINX: &str = "registry.k8s.io/e2e-test-images/nginx:1.14-2";
 const HOSTNET_NGINX: &str = "gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64:latest";
@@ -91,9 +91,38 @@ fn add_dynamic(root: &Path, bin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What sets one stand-in image apart from the plain busybox one.
+enum Kind {
+    /// critest's default container image.
+    Busybox,
+    /// nginx's stand-in web server on this port.
+    Nginx(&'static str),
+    /// Apache httpd's stand-in: busybox httpd on port 80, saying "httpd" in its log.
+    Httpd,
+    /// A setuid-root program printing "Effective uid: N" (the NoNewPrivs specs).
+    NoNewPrivs,
+    /// User default-user (1000) in group group-defined-in-image (50000) in /etc/group
+    /// (the SupplementalGroupsPolicy specs).
+    PredefinedGroup,
+}
+
+const IMAGES: &[(&str, Kind)] = &[
+    (BUSYBOX, Kind::Busybox),
+    (NGINX, Kind::Nginx("80")),
+    (HOSTNET_NGINX, Kind::Nginx("12003")),
+    ("registry.k8s.io/e2e-test-images/httpd:2.4.39-4", Kind::Httpd),
+    ("registry.k8s.io/e2e-test-images/nonewprivs:1.3", Kind::NoNewPrivs),
+    ("gcr.io/k8s-staging-cri-tools/test-image-predefined-group:latest", Kind::PredefinedGroup),
+];
+
+const NNP_C: &str = r#"#include <stdio.h>
+#include <unistd.h>
+int main(void) { printf("Effective uid: %d\n", (int)geteuid()); return 0; }
+"#;
+
 fn build_images(c: &Containerd, scratch: &Path) -> anyhow::Result<()> {
-    let images: [(&str, Option<&str>); 3] = [(BUSYBOX, None), (NGINX, Some("80")), (HOSTNET_NGINX, Some("12003"))];
-    for (name, port) in images {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, kind) in IMAGES {
         let root = wisp_tests::rootfs::busybox_rootfs()?;
         let r = root.path();
         std::fs::write(r.join("etc/passwd"), PASSWD)?;
@@ -101,15 +130,40 @@ fn build_images(c: &Containerd, scratch: &Path) -> anyhow::Result<()> {
         for bin in ["/usr/bin/pgrep", "/usr/bin/ipcs"] {
             add_dynamic(r, bin)?;
         }
-        let cmd: Vec<&str> = match port {
-            None => vec!["sh"],
-            Some(port) => {
-                std::fs::create_dir_all(r.join("www"))?;
-                std::fs::create_dir_all(r.join("var/run"))?;
-                std::fs::write(r.join("www/index.html"), "<h1>Welcome to nginx!</h1>\n")?;
+        let web_root = |index: &str| -> anyhow::Result<()> {
+            std::fs::create_dir_all(r.join("www"))?;
+            std::fs::create_dir_all(r.join("var/run"))?;
+            std::fs::write(r.join("www/index.html"), index)?;
+            Ok(())
+        };
+        let cmd: Vec<&str> = match kind {
+            Kind::Busybox => vec!["sh"],
+            Kind::Nginx(port) => {
+                web_root("<h1>Welcome to nginx!</h1>\n")?;
                 let bin = image::compile_static(scratch, "nginx", NGINX_C, &[&format!("PORT=\"{port}\"")])?;
                 std::fs::copy(&bin, r.join("usr/sbin/nginx"))?;
                 vec!["/usr/sbin/nginx"]
+            }
+            Kind::Httpd => {
+                web_root("<html><body><h1>It works!</h1></body></html>\n")?;
+                vec!["sh", "-c", "echo 'httpd: serving /www on port 80'; exec httpd -f -p 80 -h /www"]
+            }
+            Kind::NoNewPrivs => {
+                let bin = image::compile_static(scratch, "nnp", NNP_C, &[])?;
+                std::fs::copy(&bin, r.join("usr/bin/nnp"))?;
+                std::fs::set_permissions(r.join("usr/bin/nnp"), std::fs::Permissions::from_mode(0o4755))?;
+                vec!["/usr/bin/nnp"]
+            }
+            Kind::PredefinedGroup => {
+                std::fs::write(
+                    r.join("etc/passwd"),
+                    format!("{PASSWD}default-user:x:1000:1000:default-user:/home/user:/bin/sh\n"),
+                )?;
+                std::fs::write(
+                    r.join("etc/group"),
+                    format!("{GROUP}default-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"),
+                )?;
+                vec!["sh"]
             }
         };
         let archive = scratch.join("image.tar");

@@ -1,6 +1,9 @@
 //! A small test runner for tests that start processes, need root or KVM, or run inside
 //! the emulated KVM host. Unlike libtest it can report a case as skipped with its
-//! reason, and it ends with the plain summary line `N passed, N failed, N skipped`.
+//! reason, and it ends with the plain summary line `NAME: N passed, N passed on a
+//! rerun, N failed, N skipped` (`tests/e2e.sh` adds these up), after one line per
+//! failed case (`NAME: FAILED case: first line`) and per skipped one (`NAME: SKIPPED
+//! case: reason`).
 //!
 //! Usage in a `harness = false` test target:
 //! ```ignore
@@ -56,7 +59,8 @@ impl Suite {
     /// Runs the cases (in order, one at a time) and exits: 0 if none failed.
     pub fn run(self) -> ! {
         let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+        let (mut passed, mut failed, mut skipped, mut rerun_passed) = (0, 0, 0, 0);
+        let mut skips = Vec::new();
         let mut failures = Vec::new();
         let selected: Vec<Case> = self
             .cases
@@ -81,7 +85,12 @@ impl Suite {
                 }
             }
             let secs = t.elapsed().as_secs_f64();
+            let was_rerun = reruns.last().is_some_and(|(n, _)| *n == name);
             match res {
+                Ok(Ok(Outcome::Passed)) if was_rerun => {
+                    rerun_passed += 1;
+                    println!("test {name} ... ok on its rerun ({secs:.1}s)");
+                }
                 Ok(Ok(Outcome::Passed)) => {
                     passed += 1;
                     println!("test {name} ... ok ({secs:.1}s)");
@@ -89,6 +98,7 @@ impl Suite {
                 Ok(Ok(Outcome::Skipped(why))) => {
                     skipped += 1;
                     println!("test {name} ... skipped: {why}");
+                    skips.push((name, why));
                 }
                 Ok(Err(e)) => {
                     failed += 1;
@@ -119,10 +129,16 @@ impl Suite {
         for (name, msg) in &failures {
             println!("{}: FAILED {name}: {}", self.name, first_line(msg));
         }
+        for (name, why) in &skips {
+            println!("{}: SKIPPED {name}: {}", self.name, first_line(why));
+        }
         if !reruns.is_empty() {
             println!("{}: {} case(s) rerun after a nested triple fault (listed above)", self.name, reruns.len());
         }
-        println!("{}: {passed} passed, {failed} failed, {skipped} skipped", self.name);
+        println!(
+            "{}: {passed} passed, {rerun_passed} passed on a rerun, {failed} failed, {skipped} skipped",
+            self.name
+        );
         std::process::exit(if failed > 0 { 1 } else { 0 })
     }
 }

@@ -88,14 +88,6 @@ fn raise_read_ahead(mount_point: &Path) {
     }
 }
 
-pub fn write_resolv_conf(content: &str) -> Result<(), GuestError> {
-    if content.len() > 64 * 1024 || content.contains('\0') {
-        return Err(GuestError::Invalid("resolv.conf content is larger than 64 KiB or has NUL bytes".into()));
-    }
-    std::fs::create_dir_all("/etc").map_err(io_err("creating /etc"))?;
-    std::fs::write("/etc/resolv.conf", content).map_err(io_err("writing /etc/resolv.conf"))
-}
-
 /// Writes one already-validated sysctl (see `spec::sysctl_path`).
 pub fn apply_sysctl(key: &str, value: &str) -> Result<(), GuestError> {
     let path = crate::spec::sysctl_path(key);
@@ -165,7 +157,6 @@ mod tests {
         assert!(matches!(set_hostname(&"h".repeat(65)), Err(GuestError::Invalid(_))));
         assert!(matches!(mount_shared_fs("", Path::new("/x")), Err(GuestError::Invalid(_))));
         assert!(matches!(mount_shared_fs("tag", Path::new("rel")), Err(GuestError::Invalid(_))));
-        assert!(matches!(write_resolv_conf(&"x".repeat(70_000)), Err(GuestError::Invalid(_))));
     }
 
     #[test]

@@ -223,9 +223,6 @@ impl Sandbox {
             if !req.hostname.is_empty() {
                 guest::set_hostname(&req.hostname)?;
             }
-            if !req.dns_resolv_conf.is_empty() {
-                guest::write_resolv_conf(&req.dns_resolv_conf)?;
-            }
             if !req.shared_fs_tag.is_empty() {
                 let mp = if req.shared_fs_mount_point.is_empty() {
                     PathBuf::from(guest::DEFAULT_SHARED_MOUNT)
@@ -548,11 +545,6 @@ impl Sandbox {
         }
     }
 
-    pub fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
-        let (_, p) = self.process(container_id, exec_id)?;
-        p.io.close_stdin();
-        Ok(())
-    }
 
     pub fn tty_resize(&self, req: &pb::TtyWinResizeRequest) -> Result<()> {
         let (_, p) = self.process(&req.container_id, &req.exec_id)?;
@@ -569,13 +561,6 @@ impl Sandbox {
         guest::details(guest::cgroup_controllers())
     }
 
-    pub fn set_guest_time(&self, sec: i64, nsec: u32) -> Result<()> {
-        if !self.cfg.guest {
-            log::info!("host mode: SetGuestDateTime leaves the host's clock alone");
-            return Ok(());
-        }
-        Ok(guest::set_time(sec, nsec)?)
-    }
 
     fn require_guest(&self, what: &str) -> Result<()> {
         if self.cfg.guest {

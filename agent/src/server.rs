@@ -172,9 +172,6 @@ impl Agent for AgentService {
         })
     }
 
-    fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
-        self.call("CloseStdin", || self.sandbox.close_stdin(&req.container_id, &req.exec_id).map(|_| Empty::new()))
-    }
 
     fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
         self.call("TtyWinResize", || self.sandbox.tty_resize(&req).map(|_| Empty::new()))
@@ -204,7 +201,4 @@ impl Agent for AgentService {
         })
     }
 
-    fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: SetGuestDateTimeRequest) -> ttrpc::Result<Empty> {
-        self.call("SetGuestDateTime", || self.sandbox.set_guest_time(req.unix_sec, req.nsec).map(|_| Empty::new()))
-    }
 }

@@ -136,21 +136,6 @@ impl ProcessIo {
         *lock(&self.pty_master) = Some(Arc::new(master));
     }
 
-    /// CloseStdin: EOF on the process's stdin (for a TTY: stop forwarding input).
-    pub fn close_stdin(&self) {
-        let mut s = lock(&self.stdin);
-        match std::mem::replace(&mut *s, StdinEnd::Closed) {
-            StdinEnd::Attached(conn) => conn.shutdown(Shutdown::Read),
-            StdinEnd::Unused if !self.terminal => *s = StdinEnd::Unused,
-            _ => {}
-        }
-        if self.terminal {
-            for c in lock(&self.attached).iter() {
-                c.shutdown(Shutdown::Read);
-            }
-        }
-    }
-
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), StdioError> {
         if !self.terminal {
             return Err(StdioError::NoTerminal);
@@ -458,12 +443,8 @@ mod tests {
     }
 
     #[test]
-    fn close_stdin_before_attach_gives_eof() {
-        let (io, child) = ProcessIo::pipes(StdioRequest { stdin: true, ..Default::default() }).unwrap();
-        io.close_stdin();
-        let mut got = Vec::new();
-        File::from(child.stdin).read_to_end(&mut got).unwrap();
-        assert!(got.is_empty());
+    fn resizing_needs_a_terminal() {
+        let (io, _child) = ProcessIo::pipes(StdioRequest { stdin: true, ..Default::default() }).unwrap();
         assert!(io.resize(10, 10).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! A synchronous rtnetlink client: one request at a time, answers collected until the
-//! kernel's DONE or ACK. See README.md.
+//! kernel's DONE or ACK. See README.md. Also the opening of tap queues (`tap`), which the
+//! shim and the VMM share.
 //!
 //! Trusts: the kernel's answers (they come from the namespace's own kernel), but still
 //! decodes them without panicking: a malformed datagram is an error.
@@ -8,6 +9,8 @@ use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_A
 use netlink_packet_route::link::LinkMessage;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+pub mod tap;
 
 /// Flags of the ack/error messages (netlink(7)): the request was truncated in the echo,
 /// extended-ack attributes follow.

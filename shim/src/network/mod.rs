@@ -18,20 +18,21 @@
 //! netlink answers.
 //!
 //! Where things are: `netns` finds the namespace in the spec and runs code in it,
-//! `links` and `routes` turn what CNI left there into what the guest gets, `tap` creates
-//! the taps, `tc` joins them to the interfaces, `netlink` holds the rtnetlink requests.
+//! `links` and `routes` turn what CNI left there into what the guest gets, `tc` joins the
+//! taps (opened by `wisp_netlink::tap`) to the interfaces, `netlink` holds the rtnetlink
+//! requests.
 
 mod links;
 mod netlink;
 mod netns;
 mod routes;
-mod tap;
 mod tc;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use wisp_netlink::tap::TapOpenError;
 use wisp_netlink::NetlinkError;
 use wisp_protocols::agent::{Interface, IpAddress, Route};
 
@@ -39,7 +40,6 @@ use self::links::{format_mac, guest_address, HostLink};
 use self::netlink::Netlink;
 pub use self::netns::{in_netns, netns_path};
 use self::routes::guest_route;
-use self::tap::open_tap;
 use self::tc::tc_error;
 use crate::vm::NetDevice;
 
@@ -196,6 +196,21 @@ impl Drop for PodNetwork {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Creates the tap `name` in the calling thread's network namespace (the namespace of
+/// /dev/net/tun at open time): a blocking, close-on-exec descriptor for the VMM.
+fn open_tap(name: &str) -> Result<OwnedFd> {
+    let err = |reason: String| NetworkError::Tap { name: name.into(), reason };
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(err("name too long".into()));
+    }
+    let (fd, _) = wisp_netlink::tap::open_tap(name, false).map_err(|e| match e {
+        TapOpenError::Name(_) => err("name too long".into()),
+        TapOpenError::OpenTun(e) => err(format!("/dev/net/tun: {e}")),
+        TapOpenError::Attach(e) => err(format!("TUNSETIFF: {e}")),
+    })?;
+    Ok(fd)
 }
 
 fn report_teardown(e: &NetworkError, what: &str) {

@@ -1,6 +1,7 @@
 //! The host end of a virtio-net device: a Linux tap queue, opened with IFF_TAP |
 //! IFF_NO_PI | IFF_VNET_HDR so every read and write is one Ethernet frame behind a
-//! 12-byte virtio-net header.
+//! 12-byte virtio-net header (the opening and TUNGETIFF are `wisp_netlink::tap`, which
+//! the shim uses for the taps it passes in).
 //!
 //! A `Tap` is either opened here by interface name (created if it does not exist, and
 //! then gone when the VMM exits) or taken over from a descriptor the caller passed in,
@@ -12,21 +13,13 @@
 //! writev whole frames on, plus TUNSETOFFLOAD. Unit tests implement it with one end of a
 //! SOCK_SEQPACKET socketpair, which keeps frame boundaries the same way.
 
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+
+pub use wisp_netlink::tap::MAX_IFNAME_LEN;
+use wisp_netlink::tap::{open_tap, tap_info, TapOpenError, IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUN_PATH};
 
 use super::VNET_HDR_LEN;
-
-const TUN_PATH: &str = "/dev/net/tun";
-/// The tap flags the device needs (`ifr_flags` is a C short).
-const IFF_TAP: libc::c_short = libc::IFF_TAP as libc::c_short;
-const IFF_NO_PI: libc::c_short = libc::IFF_NO_PI as libc::c_short;
-const IFF_VNET_HDR: libc::c_short = libc::IFF_VNET_HDR as libc::c_short;
-const IFF_TUN: libc::c_short = libc::IFF_TUN as libc::c_short;
-/// Longest interface name, without the terminating NUL.
-pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -53,25 +46,6 @@ pub trait TapLink: AsRawFd + Send {
     fn label(&self) -> &str;
     /// Tells the host which offloads the guest accepted: TUN_F_* bits (TUNSETOFFLOAD).
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
-}
-
-/// `struct ifreq` with the member TUN ioctls use (`ifr_flags`), padded to the kernel's
-/// size (40 bytes on 64-bit).
-#[repr(C)]
-#[derive(Default)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
-
-impl IfReq {
-    fn name(&self) -> String {
-        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
-    }
 }
 
 /// A tap queue owned by the VMM.
@@ -104,20 +78,12 @@ impl Tap {
         if !valid_ifname(name) {
             return Err(TapError::InvalidName(name.to_string()));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(TUN_PATH)
-            .map_err(TapError::OpenTun)?;
-        let fd = OwnedFd::from(file);
-        let mut req = IfReq { flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, ..Default::default() };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is one (40 bytes),
-        // valid for the whole call.
-        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-        last_error(ret, ()).map_err(|source| TapError::Attach { name: name.to_string(), source })?;
-        let tap = Self { fd, label: format!("tap {}", req.name()) };
+        let (fd, kernel_name) = open_tap(name, true).map_err(|e| match e {
+            TapOpenError::Name(_) => TapError::InvalidName(name.to_string()),
+            TapOpenError::OpenTun(e) => TapError::OpenTun(e),
+            TapOpenError::Attach(source) => TapError::Attach { name: name.to_string(), source },
+        })?;
+        let tap = Self { fd, label: format!("tap {kernel_name}") };
         tap.set_vnet_hdr_len()?;
         Ok(tap)
     }
@@ -132,20 +98,15 @@ impl Tap {
         if fd < 0 || fd_flags < 0 {
             return Err(TapError::FdNotOpen { fd });
         }
-        let mut req = IfReq::default();
-        // SAFETY: TUNGETIFF writes a `struct ifreq` into `req`, which is one; on any other
-        // kind of descriptor the ioctl fails without touching it.
-        let ret = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) };
-        last_error(ret, ()).map_err(|source| TapError::NotTap { fd, source })?;
-        let name = req.name();
+        let (name, flags) = tap_info(fd).map_err(|source| TapError::NotTap { fd, source })?;
         let wrong = |problem| TapError::WrongFlags { fd, name: name.clone(), problem };
-        if req.flags & IFF_TUN != 0 || req.flags & IFF_TAP == 0 {
+        if flags & IFF_TUN != 0 || flags & IFF_TAP == 0 {
             return Err(wrong("is a tun (layer 3) device, not a tap"));
         }
-        if req.flags & IFF_NO_PI == 0 {
+        if flags & IFF_NO_PI == 0 {
             return Err(wrong("was opened without IFF_NO_PI"));
         }
-        if req.flags & IFF_VNET_HDR == 0 {
+        if flags & IFF_VNET_HDR == 0 {
             return Err(wrong("was opened without IFF_VNET_HDR"));
         }
         let setup = |what| {

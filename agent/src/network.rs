@@ -8,9 +8,9 @@
 
 use std::net::IpAddr;
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use wisp_netlink::{NetlinkError, RouteSocket};
@@ -92,72 +92,33 @@ fn route_addr(a: IpAddr) -> RouteAddress {
     }
 }
 
-/// The guest's rtnetlink socket, with the agent's requests.
-struct Netlink(RouteSocket);
+/// The link with MAC address `mac`, if any.
+fn link_by_mac(nl: &mut RouteSocket, mac: &[u8; 6]) -> Result<Option<LinkMessage>> {
+    Ok(nl
+        .links()?
+        .into_iter()
+        .find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::Address(m) if m == mac))))
+}
 
-impl Netlink {
-    fn open() -> Result<Self> {
-        Ok(Self(RouteSocket::open()?))
-    }
+fn index_of(nl: &mut RouteSocket, name: &str) -> Result<u32> {
+    nl.link_index(name)?.ok_or_else(|| NetworkError::NoSuchDevice(name.into()))
+}
 
-    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
-        Ok(self.0.request(op, msg, flags)?)
-    }
+/// The addresses of link `index`.
+fn addresses(nl: &mut RouteSocket, index: u32) -> Result<Vec<AddressMessage>> {
+    Ok(nl.addresses()?.into_iter().filter(|a| a.header.index == index).collect())
+}
 
-    fn links(&mut self) -> Result<Vec<LinkMessage>> {
-        Ok(self.0.links()?)
-    }
-
-    fn link_by_mac(&mut self, mac: &[u8; 6]) -> Result<Option<LinkMessage>> {
-        Ok(self
-            .links()?
-            .into_iter()
-            .find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::Address(m) if m == mac))))
-    }
-
-    fn index_of(&mut self, name: &str) -> Result<u32> {
-        self.links()?
-            .into_iter()
-            .find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)))
-            .map(|l| l.header.index)
-            .ok_or_else(|| NetworkError::NoSuchDevice(name.into()))
-    }
-
-    fn set_link(&mut self, op: &'static str, index: u32, up: Option<bool>, attrs: Vec<LinkAttribute>) -> Result<()> {
-        let mut m = LinkMessage::default();
-        m.header.index = index;
-        if let Some(up) = up {
-            m.header.change_mask = LinkFlags::Up;
-            m.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
-        }
-        m.attributes = attrs;
-        self.request(op, RouteNetlinkMessage::SetLink(m), NLM_F_ACK)?;
-        Ok(())
-    }
-
-    fn addresses(&mut self, index: u32) -> Result<Vec<AddressMessage>> {
-        let answers =
-            self.request("list addresses", RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => Some(a),
-                _ => None,
-            })
-            .collect())
-    }
-
-    fn add_address(&mut self, index: u32, addr: IpAddr, prefix: u8) -> Result<()> {
-        let mut m = AddressMessage::default();
-        m.header.family = family(&addr);
-        m.header.prefix_len = prefix;
-        m.header.index = index;
-        m.header.scope = AddressScope::Universe;
-        m.attributes.push(AddressAttribute::Local(addr));
-        m.attributes.push(AddressAttribute::Address(addr));
-        self.request("add address", RouteNetlinkMessage::NewAddress(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)?;
-        Ok(())
-    }
+fn add_address(nl: &mut RouteSocket, index: u32, addr: IpAddr, prefix: u8) -> Result<()> {
+    let mut m = AddressMessage::default();
+    m.header.family = family(&addr);
+    m.header.prefix_len = prefix;
+    m.header.index = index;
+    m.header.scope = AddressScope::Universe;
+    m.attributes.push(AddressAttribute::Local(addr));
+    m.attributes.push(AddressAttribute::Address(addr));
+    nl.request("add address", RouteNetlinkMessage::NewAddress(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)?;
+    Ok(())
 }
 
 pub fn update_interface(iface: &Interface) -> Result<Interface> {
@@ -170,8 +131,8 @@ pub fn update_interface(iface: &Interface) -> Result<Interface> {
     }
     let addrs: Vec<(IpAddr, u8)> = iface.addresses.iter().map(parse_address).collect::<Result<_>>()?;
 
-    let mut nl = Netlink::open()?;
-    let link = nl.link_by_mac(&mac)?.ok_or_else(|| NetworkError::NoSuchMac(iface.mac.clone()))?;
+    let mut nl = RouteSocket::open()?;
+    let link = link_by_mac(&mut nl, &mac)?.ok_or_else(|| NetworkError::NoSuchMac(iface.mac.clone()))?;
     let index = link.header.index;
     nl.set_link("set link down", index, Some(false), Vec::new())?;
     let mut attrs = Vec::new();
@@ -184,14 +145,14 @@ pub fn update_interface(iface: &Interface) -> Result<Interface> {
     if !attrs.is_empty() {
         nl.set_link("rename/set MTU", index, None, attrs)?;
     }
-    for old in nl.addresses(index)? {
+    for old in addresses(&mut nl, index)? {
         if old.header.scope == AddressScope::Link {
             continue;
         }
         nl.request("remove old address", RouteNetlinkMessage::DelAddress(old), NLM_F_ACK)?;
     }
     for (a, p) in &addrs {
-        nl.add_address(index, *a, *p)?;
+        add_address(&mut nl, index, *a, *p)?;
     }
     nl.set_link("set link up", index, Some(true), Vec::new())?;
     log::info!("configured interface {} ({}) with {} addresses", iface.name, iface.mac, addrs.len());
@@ -225,7 +186,7 @@ pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
     }
     // Link routes first: gateway routes need their gateway reachable.
     parsed.sort_by_key(|p| p.gw.is_some());
-    let mut nl = Netlink::open()?;
+    let mut nl = RouteSocket::open()?;
     for p in &parsed {
         let mut m = RouteMessage::default();
         let fam = p.dest.map(|(a, _)| a).or(p.gw).or(p.src).map(|a| family(&a)).unwrap_or(AddressFamily::Inet);
@@ -250,7 +211,7 @@ pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
         }
         if !p.r.device.is_empty() {
             check_ifname(&p.r.device)?;
-            let idx = nl.index_of(&p.r.device)?;
+            let idx = index_of(&mut nl, &p.r.device)?;
             m.attributes.push(RouteAttribute::Oif(idx));
         }
         if p.r.metric != 0 {
@@ -265,6 +226,7 @@ pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_route::link::LinkFlags;
 
     /// Configures `lo` in a private network namespace of a test thread (root only).
     /// Ignored by default (libtest cannot report a skip): `make unit` runs it as root
@@ -283,9 +245,9 @@ mod tests {
                 ..Default::default()
             };
             update_interface(&lo).expect("UpdateInterface on lo");
-            let mut nl = Netlink::open().unwrap();
-            let idx = nl.index_of("lo").unwrap();
-            let addrs = nl.addresses(idx).unwrap();
+            let mut nl = RouteSocket::open().unwrap();
+            let idx = index_of(&mut nl, "lo").unwrap();
+            let addrs = addresses(&mut nl, idx).unwrap();
             assert!(addrs.iter().any(|a| a.header.prefix_len == 24
                 && a.attributes
                     .iter()

@@ -1,8 +1,14 @@
-//! The links and addresses of the pod's namespace, and which of them the guest gets.
+//! The links and addresses of the pod's namespace, which of them the guest gets, and the
+//! shim's changes to links (its taps).
 
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage};
+use netlink_packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+};
+use wisp_netlink::RouteSocket;
 use wisp_protocols::agent::IpAddress;
+
+use super::{NetworkError, Result};
 
 /// What the shim needs to know about a link in the pod's namespace.
 #[derive(Debug, Clone, Default)]
@@ -85,6 +91,28 @@ pub(super) fn guest_address(a: &AddressMessage) -> Option<IpAddress> {
     let ip = local.or(address)?;
     Some(IpAddress { address: ip.to_string(), prefix_len: u32::from(a.header.prefix_len), ..Default::default() })
 }
+/// The index of the link `name`; ENODEV when there is none.
+pub(super) fn index_of(nl: &mut RouteSocket, name: &str) -> Result<u32> {
+    nl.link_index(name)?.ok_or_else(|| NetworkError::Netlink {
+        op: format!("finding {name}"),
+        errno: libc::ENODEV,
+        msg: "no such device".into(),
+    })
+}
+
+/// Sets the MTU and brings the link up.
+pub(super) fn set_up(nl: &mut RouteSocket, index: u32, mtu: u32) -> Result<()> {
+    let attrs = if mtu != 0 { vec![LinkAttribute::Mtu(mtu)] } else { Vec::new() };
+    Ok(nl.set_link("set tap MTU and up", index, Some(true), attrs)?)
+}
+
+/// `ip link set X addrgenmode none` (while the link is down).
+pub(super) fn no_ipv6_address(nl: &mut RouteSocket, index: u32) -> Result<()> {
+    let mode = AfSpecInet6::AddrGenMode(In6AddrGenMode::None);
+    let attrs = vec![LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![mode])])];
+    Ok(nl.set_link("set addrgenmode none", index, None, attrs)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,11 +19,10 @@
 //!
 //! Where things are: `netns` finds the namespace in the spec and runs code in it,
 //! `links` and `routes` turn what CNI left there into what the guest gets, `tc` joins the
-//! taps (opened by `wisp_netlink::tap`) to the interfaces, `netlink` holds the rtnetlink
-//! requests.
+//! taps (opened by `wisp_netlink::tap`) to the interfaces; the rtnetlink requests are
+//! `wisp_netlink`'s.
 
 mod links;
-mod netlink;
 mod netns;
 mod routes;
 mod tc;
@@ -33,11 +32,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use wisp_netlink::tap::TapOpenError;
-use wisp_netlink::NetlinkError;
+use wisp_netlink::{NetlinkError, RouteSocket};
 use wisp_protocols::agent::{Interface, IpAddress, Route};
 
 use self::links::{format_mac, guest_address, HostLink};
-use self::netlink::Netlink;
 pub use self::netns::{in_netns, netns_path};
 use self::routes::guest_route;
 use self::tc::tc_error;
@@ -73,7 +71,7 @@ impl From<NetlinkError> for NetworkError {
 pub struct PodNetwork {
     netns: PathBuf,
     /// Bound to the pod's namespace; None once torn down.
-    nl: Option<Netlink>,
+    nl: Option<RouteSocket>,
     links: Vec<PodLink>,
     routes: Vec<Route>,
 }
@@ -137,12 +135,12 @@ impl PodNetwork {
         let Some(mut nl) = self.nl.take() else { return };
         for link in links {
             for &index in link.qdiscs.iter().filter(|&&i| i != link.tap_index) {
-                if let Err(e) = nl.del_ingress_qdisc(index) {
+                if let Err(e) = tc::del_ingress_qdisc(&mut nl, index) {
                     report_teardown(&e, &format!("removing the ingress qdisc of {}", link.iface.name));
                 }
             }
             if link.tap_index != 0 {
-                if let Err(e) = nl.del_link(link.tap_index) {
+                if let Err(e) = nl.del_link(link.tap_index).map_err(NetworkError::from) {
                     report_teardown(&e, &format!("deleting {}", link.tap_name));
                 }
             }
@@ -174,19 +172,19 @@ impl PodNetwork {
             qdiscs: Vec::new(),
         });
         let link = self.links.last_mut().ok_or_else(|| NetworkError::Other("no link".into()))?;
-        link.tap_index = nl.index_of(&tap_name)?;
+        link.tap_index = links::index_of(nl, &tap_name)?;
         // The tap is a wire to the guest: its own IPv6 link-local address would send
         // router solicitations and MLD into the guest. Best effort (no IPv6: nothing to do).
-        if let Err(e) = nl.no_ipv6_address(link.tap_index) {
+        if let Err(e) = links::no_ipv6_address(nl, link.tap_index) {
             log::debug!("{tap_name}: leaving IPv6 address generation on: {e}");
         }
-        nl.set_up(link.tap_index, host.mtu)?;
+        links::set_up(nl, link.tap_index, host.mtu)?;
         for index in [link.index, link.tap_index] {
-            nl.add_ingress_qdisc(index).map_err(|e| tc_error(e, &host.name))?;
+            tc::add_ingress_qdisc(nl, index).map_err(|e| tc_error(e, &host.name))?;
             link.qdiscs.push(index);
         }
-        nl.add_redirect(link.index, link.tap_index).map_err(|e| tc_error(e, &host.name))?;
-        nl.add_redirect(link.tap_index, link.index).map_err(|e| tc_error(e, &host.name))?;
+        tc::add_redirect(nl, link.index, link.tap_index).map_err(|e| tc_error(e, &host.name))?;
+        tc::add_redirect(nl, link.tap_index, link.index).map_err(|e| tc_error(e, &host.name))?;
         log::info!("{} ({}) <-> {tap_name} (tc ingress, mirred redirect)", host.name, format_mac(&host.mac));
         Ok(())
     }
@@ -221,7 +219,7 @@ fn report_teardown(e: &NetworkError, what: &str) {
 }
 
 fn setup_here(netns: PathBuf) -> Result<PodNetwork> {
-    let mut nl = Netlink::open()?;
+    let mut nl = RouteSocket::open()?;
     let hosts: Vec<HostLink> = nl.links()?.iter().map(HostLink::from).collect();
     let addresses = nl.addresses()?;
     let route_msgs = nl.routes()?;
@@ -345,11 +343,10 @@ mod tests {
 
     fn snapshot(netns: &Path) -> Snapshot {
         in_netns(netns, || {
-            let mut nl = Netlink::open()?;
+            let mut nl = RouteSocket::open()?;
             let links: Vec<HostLink> = nl.links()?.iter().map(HostLink::from).collect();
             let addressed = nl.addresses()?.iter().map(|a| a.header.index).collect();
-            let ingress = nl
-                .qdiscs()?
+            let ingress = tc::qdiscs(&mut nl)?
                 .into_iter()
                 .filter(|q| q.attributes.contains(&TcAttribute::Kind("ingress".into())))
                 .map(|q| q.header.index as u32)
@@ -358,7 +355,7 @@ mod tests {
             for l in &links {
                 let mut found = Vec::new();
                 // A device without an ingress qdisc has no filters to list.
-                for f in nl.ingress_filters(l.index).unwrap_or_default() {
+                for f in tc::ingress_filters(&mut nl, l.index).unwrap_or_default() {
                     for a in &f.attributes {
                         let TcAttribute::Options(opts) = a else { continue };
                         for o in opts {

@@ -11,8 +11,8 @@ use netlink_packet_route::tc::{
     TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::RouteNetlinkMessage;
+use wisp_netlink::RouteSocket;
 
-use super::netlink::Netlink;
 use super::{NetworkError, Result};
 
 /// The ingress qdisc's handle (`ffff:`); its filters hang below it.
@@ -75,54 +75,49 @@ fn redirect_filter(from: u32, to: u32) -> TcMessage {
     ];
     m
 }
-impl Netlink {
-    pub(super) fn add_ingress_qdisc(&mut self, index: u32) -> Result<()> {
-        let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        self.request("add ingress qdisc", RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(index)), flags)?;
-        Ok(())
-    }
 
-    pub(super) fn del_ingress_qdisc(&mut self, index: u32) -> Result<()> {
-        self.request("delete ingress qdisc", RouteNetlinkMessage::DelQueueDiscipline(ingress_qdisc(index)), NLM_F_ACK)?;
-        Ok(())
-    }
+pub(super) fn add_ingress_qdisc(nl: &mut RouteSocket, index: u32) -> Result<()> {
+    let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    nl.request("add ingress qdisc", RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(index)), flags)?;
+    Ok(())
+}
 
-    pub(super) fn add_redirect(&mut self, from: u32, to: u32) -> Result<()> {
-        let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        self.request(
-            "add mirred redirect filter",
-            RouteNetlinkMessage::NewTrafficFilter(redirect_filter(from, to)),
-            flags,
-        )?;
-        Ok(())
-    }
+pub(super) fn del_ingress_qdisc(nl: &mut RouteSocket, index: u32) -> Result<()> {
+    nl.request("delete ingress qdisc", RouteNetlinkMessage::DelQueueDiscipline(ingress_qdisc(index)), NLM_F_ACK)?;
+    Ok(())
+}
 
-    #[cfg(test)]
-    pub(super) fn qdiscs(&mut self) -> Result<Vec<TcMessage>> {
-        let answers =
-            self.request("list qdiscs", RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewQueueDiscipline(q) => Some(q),
-                _ => None,
-            })
-            .collect())
-    }
+pub(super) fn add_redirect(nl: &mut RouteSocket, from: u32, to: u32) -> Result<()> {
+    let flags = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    nl.request("add mirred redirect filter", RouteNetlinkMessage::NewTrafficFilter(redirect_filter(from, to)), flags)?;
+    Ok(())
+}
 
-    #[cfg(test)]
-    pub(super) fn ingress_filters(&mut self, index: u32) -> Result<Vec<TcMessage>> {
-        let mut q = TcMessage::with_index(index as i32);
-        q.header.parent = INGRESS_HANDLE;
-        let answers = self.request("list filters", RouteNetlinkMessage::GetTrafficFilter(q), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewTrafficFilter(f) => Some(f),
-                _ => None,
-            })
-            .collect())
-    }
+#[cfg(test)]
+pub(super) fn qdiscs(nl: &mut RouteSocket) -> Result<Vec<TcMessage>> {
+    let answers =
+        nl.request("list qdiscs", RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()), NLM_F_DUMP)?;
+    Ok(answers
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewQueueDiscipline(q) => Some(q),
+            _ => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+pub(super) fn ingress_filters(nl: &mut RouteSocket, index: u32) -> Result<Vec<TcMessage>> {
+    let mut q = TcMessage::with_index(index as i32);
+    q.header.parent = INGRESS_HANDLE;
+    let answers = nl.request("list filters", RouteNetlinkMessage::GetTrafficFilter(q), NLM_F_DUMP)?;
+    Ok(answers
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewTrafficFilter(f) => Some(f),
+            _ => None,
+        })
+        .collect())
 }
 #[cfg(test)]
 mod tests {

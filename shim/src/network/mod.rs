@@ -200,9 +200,6 @@ impl Drop for PodNetwork {
 /// /dev/net/tun at open time): a blocking, close-on-exec descriptor for the VMM.
 fn open_tap(name: &str) -> Result<OwnedFd> {
     let err = |reason: String| NetworkError::Tap { name: name.into(), reason };
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(err("name too long".into()));
-    }
     let (fd, _) = wisp_netlink::tap::open_tap(name, false).map_err(|e| match e {
         TapOpenError::Name(_) => err("name too long".into()),
         TapOpenError::OpenTun(e) => err(format!("/dev/net/tun: {e}")),

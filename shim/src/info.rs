@@ -3,8 +3,12 @@
 //! `containerd.types.RuntimeInfo` from stdout (introspection's PluginInfo, and the check
 //! for a shim's mount capabilities before every task). containerd 1.6 never asks.
 //!
-//! wisp reports its name and version and echoes the options; it declares no OCI
-//! `features` (containerd asks for them only for idmapped mounts) and no annotations.
+//! wisp reports its name and version, echoes the options, and declares the OCI runtime
+//! `features` (runtime-spec features.md) its guest side implements: the OCI versions and
+//! the mount options the agent's libcontainer applies. containerd's CRI reads them to
+//! decide whether the handler supports recursive read-only mounts (`rro`: applied in the
+//! guest with mount_setattr, kernel 6.12) and user namespaces (not declared: wisp has no
+//! idmapped mounts). No annotations.
 
 use protobuf::well_known_types::any::Any;
 use protobuf::{CodedOutputStream, Message};
@@ -18,6 +22,29 @@ pub enum InfoError {
     TooLarge,
     #[error("-info: the runtime options on stdin are not a protobuf Any: {0}")]
     Decode(String),
+}
+
+/// The type URL containerd registers for runtime-spec's `features.Features` (JSON value).
+const FEATURES_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
+
+/// Mount options the agent's libcontainer (0.7) applies, `rro` among them.
+const MOUNT_OPTIONS: &[&str] = &[
+    "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "mand", "noatime", "nodev",
+    "nodiratime", "noexec", "nomand", "norelatime", "nostrictatime", "nosuid", "private", "ratime", "rbind", "rdev",
+    "rdiratime", "relatime", "remount", "rexec", "rnoatime", "rnodev", "rnodiratime", "rnoexec", "rnorelatime",
+    "rnostrictatime", "rnosuid", "rnosymfollow", "ro", "rprivate", "rrelatime", "rro", "rrw", "rshared", "rslave",
+    "rstrictatime", "rsuid", "rsymfollow", "runbindable", "rw", "shared", "slave", "strictatime", "suid", "sync",
+    "unbindable",
+];
+
+/// runtime-spec's `features.Features` for wisp, as JSON.
+fn features_json() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.2.1",
+        "mountOptions": MOUNT_OPTIONS,
+    }))
+    .expect("serializing a JSON literal")
 }
 
 /// The encoded `RuntimeInfo` for `options` (the bytes containerd wrote to stdin).
@@ -44,6 +71,8 @@ pub fn runtime_info(options: &[u8]) -> Result<Vec<u8>, InfoError> {
         if let Some(any) = any {
             os.write_bytes(3, &any.write_to_bytes().expect("encoding an Any")).expect("writing to a Vec");
         }
+        let features = Any { type_url: FEATURES_TYPE_URL.into(), value: features_json(), ..Default::default() };
+        os.write_bytes(4, &features.write_to_bytes().expect("encoding an Any")).expect("writing to a Vec");
         os.flush().expect("writing to a Vec");
     }
     Ok(out)
@@ -96,7 +125,25 @@ mod tests {
         assert_eq!(f[0], (1, crate::shim::RUNTIME_ID.as_bytes().to_vec()));
         assert_eq!(f[1].0, 2);
         assert_eq!(fields(&f[1].1), vec![(1, env!("CARGO_PKG_VERSION").as_bytes().to_vec())]);
-        assert_eq!(f.len(), 2, "no options field without options");
+        assert_eq!(f.len(), 3, "no options field without options");
+        assert_eq!(f[2].0, 4, "the features come last");
+    }
+
+    /// containerd's CRI turns `rro` in the features into RecursiveReadOnlyMounts for the
+    /// handler: declared, and every option declared is one libcontainer parses.
+    #[test]
+    fn declares_the_oci_features_with_rro() {
+        let f = fields(&runtime_info(&[]).unwrap());
+        let any = Any::parse_from_bytes(&f[2].1).unwrap();
+        assert_eq!(any.type_url, FEATURES_TYPE_URL);
+        let v: serde_json::Value = serde_json::from_slice(&any.value).unwrap();
+        let opts: Vec<&str> = v["mountOptions"].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect();
+        assert!(opts.contains(&"rro") && opts.contains(&"ro") && opts.contains(&"rbind"), "{opts:?}");
+        assert!(v.get("linux").is_none(), "no idmapped mounts, so no user namespace support declared");
+        let mut sorted = opts.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, opts, "declared options are sorted and unique");
     }
 
     #[test]
@@ -105,6 +152,7 @@ mod tests {
         let f = fields(&runtime_info(&any.write_to_bytes().unwrap()).unwrap());
         assert_eq!(f[2].0, 3);
         assert_eq!(Any::parse_from_bytes(&f[2].1).unwrap(), any);
+        assert_eq!(f[3].0, 4);
     }
 
     #[test]

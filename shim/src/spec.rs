@@ -90,7 +90,9 @@ impl BundleSpec {
                 continue;
             }
             let Some(source) = m.get("source").and_then(Value::as_str) else { continue };
-            let read_only = options(m).iter().any(|o| o == "ro");
+            // `rro` (recursive read-only, containerd 2 with the handler's features) is read-only
+            // on the host side of the share too.
+            let read_only = options(m).iter().any(|o| o == "ro" || o == "rro");
             out.push(SharedBind { index, source: PathBuf::from(source), destination: dest.to_string(), read_only });
         }
         out
@@ -207,6 +209,17 @@ mod tests {
         assert_eq!(g.pointer("/mounts/2/type").unwrap(), "tmpfs");
         assert_eq!(g.pointer("/mounts/3/source").unwrap(), "/run/wisp/shared/c1/mounts/3");
         assert_eq!(g.pointer("/mounts/0/source").unwrap(), "proc");
+    }
+
+    /// containerd 2 writes `rro` without `ro` for a recursive read-only volume: the host
+    /// side of the share is read-only for it too, and the option reaches the guest.
+    #[test]
+    fn recursive_read_only_binds_are_read_only_binds() {
+        let s = spec(serde_json::json!({ "mounts": [
+            { "destination": "/rro", "type": "bind", "source": "/srv/a", "options": ["rbind", "rprivate", "rro"] }
+        ] }));
+        assert!(s.shared_binds()[0].read_only);
+        assert_eq!(s.for_guest("c1").pointer("/mounts/0/options/2").unwrap(), "rro");
     }
 
     #[test]

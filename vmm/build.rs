@@ -1,12 +1,21 @@
 //! Compiles the seccomp allow-lists (`seccomp/x86_64.json`, one filter per thread kind)
 //! into BPF at build time with the rust-vmm `seccompiler`, so wisp-vmm carries neither
 //! the JSON parser nor the compiler: `src/seccomp.rs` installs the programs written here.
+//!
+//! Also sets `WISP_VMM_BUILD_ID`, which snapshots record so that only the build that
+//! wrote one restores it (`src/snapshot/header.rs`): `src.<hash>`, a 64-bit FNV-1a hash
+//! of the VMM's own files (src/, Cargo.toml, build.rs, seccomp/) and the workspace's
+//! Cargo.lock. An uncommitted change changes it; a commit that does not touch the VMM
+//! does not (so the VMM is not rebuilt for every commit, as it would be if the git
+//! commit were part of it).
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 const KINDS: [&str; 3] = ["vcpu", "devices", "control"];
 
 fn main() {
+    build_id();
     let json = "seccomp/x86_64.json";
     println!("cargo:rerun-if-changed={json}");
     println!("cargo:rerun-if-changed=build.rs");
@@ -29,4 +38,46 @@ fn main() {
     }
     let dest = std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("seccomp_filters.rs");
     std::fs::write(dest, out).unwrap();
+}
+
+/// FNV-1a, 64 bits: a build id needs no cryptographic strength, only to change when
+/// the sources do.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn files_below(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_below(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn build_id() {
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let mut files = Vec::new();
+    for sub in ["src", "seccomp"] {
+        files_below(&dir.join(sub), &mut files);
+        println!("cargo:rerun-if-changed={sub}");
+    }
+    files.extend([dir.join("Cargo.toml"), dir.join("build.rs"), dir.join("../Cargo.lock")]);
+    println!("cargo:rerun-if-changed=Cargo.toml");
+    println!("cargo:rerun-if-changed=../Cargo.lock");
+    files.sort();
+    let mut hash = 0xcbf2_9ce4_8422_2325;
+    for f in &files {
+        let name = f.strip_prefix(&dir).unwrap_or(f);
+        hash = fnv1a(hash, name.to_string_lossy().as_bytes());
+        hash = fnv1a(hash, &std::fs::read(f).unwrap_or_default());
+    }
+    println!("cargo:rustc-env=WISP_VMM_BUILD_ID=src.{hash:016x}");
 }

@@ -277,13 +277,14 @@ impl MicroVm {
                     let _ = dev_exits.send(VmExit::Error(format!("device thread: {e}")));
                     return;
                 }
-                loop {
+                // A panic in a device ends the VM (no device would be served any more).
+                crate::panics::report_panics("device", &dev_exits, || loop {
                     if let Err(e) = events.run() {
                         let _ = dev_exits.send(VmExit::Error(format!("device event loop failed: {e}")));
                         return;
                     }
                     crate::seccomp::selftest_point(crate::seccomp::ThreadKind::Devices);
-                }
+                });
             })
             .map_err(|e| StartError::Device { device: "device thread".into(), reason: e.to_string() })?;
 

@@ -84,6 +84,10 @@ const fn flag(name: &'static str, help: &'static str) -> Opt {
     Opt { name, value: None, repeatable: false, help }
 }
 
+/// `--shared-dir`'s value, for the help text and the parser's errors.
+pub const SHARED_DIR_SYNTAX: &str =
+    "TAG=PATH[,ro][,cache=never|auto|always][,queues=N][,xattr][,max-inodes=N][,max-handles=N]";
+
 const OPTIONS: &[Opt] = &[
     opt("kernel", "PATH", "Guest kernel (required): uncompressed vmlinux (ELF, PVH entry preferred) or bzImage."),
     opt("initrd", "PATH", "Initial ramdisk (cpio, optionally compressed)."),
@@ -96,7 +100,7 @@ const OPTIONS: &[Opt] = &[
     repeated("disk", "PATH[,ro]", "A raw disk image as virtio-blk. Repeatable."),
     repeated(
         "shared-dir",
-        "TAG=PATH[,ro][,cache=never|auto|always][,queues=N][,xattr]",
+        SHARED_DIR_SYNTAX,
         "A host directory over virtio-fs; the guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable.",
     ),
     repeated(

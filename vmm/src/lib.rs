@@ -13,7 +13,9 @@ pub mod builder;
 pub mod devices;
 pub mod jail;
 pub mod logger;
+pub mod panics;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{ConsoleOutput, DiskConfig, MicroVm, StartError, VmConfig, VsockConfig};
@@ -38,16 +40,28 @@ pub enum VmExit {
     Stopped(String),
     /// Something failed; the message says what.
     Error(String),
+    /// A VM thread (the device thread, a vCPU) panicked (`panics::report_panics`): the
+    /// VM cannot go on without it.
+    ThreadPanicked { thread: String, message: String },
 }
 
 impl VmExit {
     /// The process exit status for this end: 0 when the guest ended the VM (a triple fault
-    /// included) or the VMM was told to stop, 1 for an error.
+    /// included) or the VMM was told to stop, 1 for an error or a panicked thread.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::GuestReset | VmExit::GuestPowerOff | VmExit::GuestTripleFault(_) => 0,
             VmExit::Stopped(_) => 0,
-            VmExit::Error(_) => 1,
+            VmExit::Error(_) | VmExit::ThreadPanicked { .. } => 1,
+        }
+    }
+
+    /// For an end with status 1: the one-line reason the VMM prints on stderr.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            VmExit::Error(msg) => Some(msg.clone()),
+            VmExit::ThreadPanicked { thread, message } => Some(format!("the {thread} thread panicked: {message}")),
+            _ => None,
         }
     }
 }

@@ -30,7 +30,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path: path.into(), read_only: ro })
 }
 
-const SHARED_DIR_SYNTAX: &str = "TAG=PATH[,ro][,cache=never|auto|always][,queues=N][,xattr]";
+use cli::SHARED_DIR_SYNTAX;
 
 fn parse_shared_dir(s: &str) -> Result<SharedDirConfig, String> {
     let err = |what: String| format!("--shared-dir {s}: {what}");
@@ -56,6 +56,18 @@ fn parse_shared_dir(s: &str) -> Result<SharedDirConfig, String> {
                     .ok()
                     .filter(|n| (1..=MAX_REQUEST_QUEUES).contains(n))
                     .ok_or_else(|| err(format!("queues={n}: use 1 to {MAX_REQUEST_QUEUES}")))?;
+            }
+            Some((key @ ("max-inodes" | "max-handles"), n)) => {
+                let n = n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| err(format!("{key}={n}: use 1 to {}", u32::MAX)))?;
+                if key == "max-inodes" {
+                    dir.max_inodes = n;
+                } else {
+                    dir.max_handles = n;
+                }
             }
             _ => return Err(err(format!("unknown option '{opt}' (expected {SHARED_DIR_SYNTAX})"))),
         }
@@ -265,6 +277,7 @@ fn main() -> ExitCode {
         .and_then(|l| l.parse().ok())
         .unwrap_or(log::LevelFilter::Warn);
     wisp_vmm::logger::init(level, start);
+    wisp_vmm::panics::install_hook();
 
     let config = match config_from(&args).and_then(|c| check_inherited_fds(&c.nets).map(|()| c)) {
         Ok(c) => c,
@@ -341,11 +354,11 @@ fn main() -> ExitCode {
     let exit = vm.wait();
     drop(api);
     cleanup(&config, &args);
-    match &exit {
-        VmExit::Error(msg) => eprintln!("wisp-vmm: {msg}"),
+    match (&exit, exit.failure()) {
+        (_, Some(reason)) => eprintln!("wisp-vmm: {reason}"),
         // Exit status 0 like a reboot, but the guest did not ask for it: worth a warning.
-        VmExit::GuestTripleFault(_) => log::warn!("VM ended: {exit:?}"),
-        other => log::info!("VM ended: {other:?}"),
+        (VmExit::GuestTripleFault(_), None) => log::warn!("VM ended: {exit:?}"),
+        (other, None) => log::info!("VM ended: {other:?}"),
     }
     ExitCode::from(exit.exit_code() as u8)
 }
@@ -416,6 +429,10 @@ mod tests {
         let d = parse_shared_dir(&format!("vol={p},ro,cache=never,queues=2,xattr")).unwrap();
         assert_eq!((d.read_only, d.cache, d.request_queues, d.xattr), (true, CacheMode::Never, 2, true));
         assert_eq!(parse_shared_dir(&format!("t={p},cache=always")).unwrap().cache, CacheMode::Always);
+        let d = parse_shared_dir(&format!("t={p},max-inodes=100,max-handles=7")).unwrap();
+        assert_eq!((d.max_inodes, d.max_handles), (100, 7));
+        assert!(parse_shared_dir(&format!("t={p},max-inodes=0")).unwrap_err().contains("max-inodes=0"));
+        assert!(parse_shared_dir(&format!("t={p},max-handles=x")).unwrap_err().contains("max-handles=x"));
 
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();

@@ -130,7 +130,11 @@ impl VcpuSet {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
                 .stack_size(crate::THREAD_STACK)
-                .spawn(move || run_loop(vcpu, &pio, &mmio, &exits, &control))
+                .spawn(move || {
+                    // A panicking vCPU thread ends the VM rather than leaving it a vCPU short.
+                    let thread = format!("vCPU {}", vcpu.index);
+                    crate::panics::report_panics(&thread, &exits, || run_loop(vcpu, &pio, &mmio, &exits, &control))
+                })
                 .map_err(VcpuError::Spawn)?;
             threads.push(t);
         }

@@ -384,9 +384,10 @@ impl MmioTransport {
         };
         match result {
             Some(Ok(())) => {}
-            Some(Err(e)) => {
-                log::error!("virtio-mmio (device type {}): cannot signal queue {index}: {e}", self.device_type)
-            }
+            Some(Err(e)) => self.warnings.error(format_args!(
+                "virtio-mmio (device type {}): cannot signal queue {index}: {e}",
+                self.device_type
+            )),
             None => self.warnings.warn(format_args!(
                 "virtio-mmio (device type {}): notification for queue {index}, which does not exist",
                 self.device_type
@@ -447,11 +448,17 @@ impl MmioTransport {
 
     fn driver_ok(&mut self) {
         self.device_status |= DRIVER_OK;
+        // The guest can fail an activation, reset and try again without end: these go
+        // against its message budget.
         if let Err(e) = self.activate() {
-            log::error!("virtio-mmio (device type {}): activation failed, device needs a reset: {e}", self.device_type);
+            self.warnings.error(format_args!(
+                "virtio-mmio (device type {}): activation failed, device needs a reset: {e}",
+                self.device_type
+            ));
             self.device_status |= NEEDS_RESET;
             if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                log::error!("virtio-mmio (device type {}): cannot raise interrupt: {e}", self.device_type);
+                self.warnings
+                    .error(format_args!("virtio-mmio (device type {}): cannot raise interrupt: {e}", self.device_type));
             }
         }
     }
@@ -865,6 +872,21 @@ mod tests {
         rig.setup_good_queue(0, 16);
         rig.add_status(DRIVER_OK);
         assert_needs_reset(&mut rig);
+    }
+
+    /// A guest that fails activation, resets and tries again forever gets its budget of
+    /// error lines and no more.
+    #[test]
+    fn repeated_activation_failures_stay_within_the_guest_budget() {
+        let mut rig = rig(&[16]);
+        rig.fake.lock().unwrap().refuse_activation = true;
+        for _ in 0..GuestWarnings::BUDGET + 10 {
+            rig.negotiate(FAKE_FEATURES);
+            rig.setup_good_queue(0, 16);
+            rig.add_status(DRIVER_OK);
+            assert_needs_reset(&mut rig);
+        }
+        assert_eq!(rig.mmio.warnings.left(), 0, "activation errors are counted against the guest's budget");
     }
 
     #[test]

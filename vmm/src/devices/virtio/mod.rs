@@ -124,17 +124,18 @@ pub fn kick_queues(device: &str, events: &[EventFd]) {
     }
 }
 
-/// Warnings caused by the guest (bad register accesses, malformed requests). The first
-/// few are logged at `warn` level and the rest at `debug`, so a misbehaving guest cannot
-/// flood the VMM's log. One per device or transport; the budget is never refilled, so a
-/// guest cannot reset its way to more warnings.
+/// Warnings and errors caused by the guest (bad register accesses, malformed requests,
+/// activations that fail on what the driver set up). The first few are logged at their
+/// own level (`warn` or `error`) and the rest at `debug`, so a misbehaving guest cannot
+/// flood the VMM's log. One per device or transport, shared by both levels; the budget
+/// is never refilled, so a guest cannot reset its way to more messages.
 #[derive(Debug)]
 pub struct GuestWarnings {
     left: u32,
 }
 
 impl GuestWarnings {
-    /// How many warnings each device or transport logs at `warn` level.
+    /// How many messages each device or transport logs above `debug` level.
     pub const BUDGET: u32 = 16;
 
     pub const fn new() -> Self {
@@ -143,15 +144,36 @@ impl GuestWarnings {
 
     /// Logs `args` at `warn` while the budget lasts, then at `debug`.
     pub fn warn(&mut self, args: std::fmt::Arguments<'_>) {
+        self.log(log::Level::Warn, args);
+    }
+
+    /// Logs `args` at `error` while the budget lasts, then at `debug`: for failures the
+    /// guest can cause again and again (an activation it set up wrong, and what follows).
+    pub fn error(&mut self, args: std::fmt::Arguments<'_>) {
+        self.log(log::Level::Error, args);
+    }
+
+    /// How many messages may still go out above `debug`.
+    pub fn left(&self) -> u32 {
+        self.left
+    }
+
+    fn log(&mut self, level: log::Level, args: std::fmt::Arguments<'_>) {
+        let (level, suffix) = self.take(level);
+        log::log!(level, "{args}{suffix}");
+    }
+
+    /// The level the next message goes out at, and what to append to it.
+    fn take(&mut self, level: log::Level) -> (log::Level, &'static str) {
         match self.left {
-            0 => log::debug!("{args}"),
+            0 => (log::Level::Debug, ""),
             1 => {
                 self.left = 0;
-                log::warn!("{args} (further guest errors of this device are logged at debug level)");
+                (level, " (further guest errors of this device are logged at debug level)")
             }
             _ => {
                 self.left -= 1;
-                log::warn!("{args}");
+                (level, "")
             }
         }
     }
@@ -175,6 +197,21 @@ mod tests {
         assert_eq!(data, [3, 4, 0, 0]);
         read_config_space(&space, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn guest_messages_drop_to_debug_after_the_budget() {
+        let mut w = GuestWarnings::new();
+        for _ in 1..GuestWarnings::BUDGET {
+            assert_eq!(w.take(log::Level::Error), (log::Level::Error, ""));
+        }
+        let (level, suffix) = w.take(log::Level::Warn);
+        assert_eq!(level, log::Level::Warn);
+        assert!(suffix.contains("debug level"), "{suffix}");
+        assert_eq!(w.left(), 0);
+        for level in [log::Level::Error, log::Level::Warn] {
+            assert_eq!(w.take(level), (log::Level::Debug, ""));
+        }
     }
 
     #[test]

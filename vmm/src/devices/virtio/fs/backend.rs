@@ -19,12 +19,20 @@
 //! - extended attributes only when enabled, and then only on regular files and
 //!   directories (the passthrough reaches xattrs through `/proc/self/fd` paths);
 //! - the FUSE INIT options wisp wants (1 MiB requests, async reads, no writeback cache,
-//!   no DAX), per cache mode.
+//!   no DAX), per cache mode;
+//! - caps on what the passthrough holds for the guest (`Holdings`): distinct inodes (an
+//!   `O_PATH` descriptor each, held from LOOKUP until the last FORGET) and open handles
+//!   (a descriptor each, from OPEN/OPENDIR/CREATE until RELEASE). A guest that looks up
+//!   or opens without ever forgetting or releasing gets ENFILE at the cap instead of
+//!   exhausting the VMM's descriptors.
 //!
 //! Operations not delegated here (locks, ioctl, bmap, poll, DAX mappings) get ENOSYS.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, ROOT_ID};
@@ -73,12 +81,147 @@ fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
+/// What the passthrough holds for the guest, counted against the share's caps: the
+/// lookup count of every inode the guest knows (mirroring the passthrough's own
+/// reference counts: +1 per entry handed out, -N per FORGET of N, gone at 0), and the
+/// number of open handles. The root inode is never counted: the passthrough holds it
+/// for the whole session.
+struct Holdings {
+    tag: String,
+    max_inodes: usize,
+    max_handles: usize,
+    held: Mutex<Held>,
+    /// Whether each cap was hit already (logged once per share, not per request).
+    inodes_hit: AtomicBool,
+    handles_hit: AtomicBool,
+}
+
+#[derive(Default)]
+struct Held {
+    lookups: HashMap<u64, u64>,
+    handles: usize,
+}
+
+/// The errno past a cap: ENFILE ("too many open files in the system"), the system here
+/// being the share; EMFILE would wrongly blame the guest process's own limit.
+fn cap_reached() -> io::Error {
+    errno(libc::ENFILE)
+}
+
+impl Holdings {
+    fn new(config: &SharedDirConfig) -> Self {
+        Self {
+            tag: config.tag.clone(),
+            max_inodes: config.max_inodes as usize,
+            max_handles: config.max_handles as usize,
+            held: Mutex::new(Held::default()),
+            inodes_hit: AtomicBool::new(false),
+            handles_hit: AtomicBool::new(false),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refuse(&self, hit: &AtomicBool, what: &str, cap: usize) -> io::Error {
+        if !hit.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "virtio-fs share '{}': the guest holds {cap} {what}, the cap; further ones fail with ENFILE until it \
+                 releases some (logged once)",
+                self.tag
+            );
+        }
+        cap_reached()
+    }
+
+    /// For operations that always make a new inode (CREATE, MKDIR, MKNOD, SYMLINK):
+    /// refuse before anything is created on the host.
+    fn inode_room(&self) -> io::Result<()> {
+        if self.held().lookups.len() >= self.max_inodes {
+            return Err(self.refuse(&self.inodes_hit, "inodes", self.max_inodes));
+        }
+        Ok(())
+    }
+
+    fn handle_room(&self) -> io::Result<()> {
+        if self.held().handles >= self.max_handles {
+            return Err(self.refuse(&self.handles_hit, "open handles", self.max_handles));
+        }
+        Ok(())
+    }
+
+    /// Counts one more lookup of `inode` if the guest holds it already or there is room
+    /// for one more inode; false (nothing counted) when it would be one inode too many.
+    fn admit(&self, inode: u64) -> bool {
+        if inode == 0 || inode == ROOT_ID {
+            return true;
+        }
+        let mut held = self.held();
+        let at_cap = held.lookups.len() >= self.max_inodes;
+        match held.lookups.get_mut(&inode) {
+            Some(n) => *n = n.saturating_add(1),
+            None if at_cap => return false,
+            None => {
+                held.lookups.insert(inode, 1);
+            }
+        }
+        true
+    }
+
+    /// `entry`, just handed out by the passthrough (which took a reference for it),
+    /// counted; past the inode cap the reference is given back and the request fails.
+    fn entry(&self, inner: &PassthroughFs<()>, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if self.admit(entry.inode) {
+            return Ok(entry);
+        }
+        inner.forget(ctx, entry.inode, 1);
+        Err(self.refuse(&self.inodes_hit, "inodes", self.max_inodes))
+    }
+
+    fn forget(&self, inode: u64, count: u64) {
+        if inode == ROOT_ID {
+            return;
+        }
+        let mut held = self.held();
+        if let Some(n) = held.lookups.get_mut(&inode) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                held.lookups.remove(&inode);
+            }
+        }
+    }
+
+    fn opened(&self, handle: Option<u64>) {
+        if handle.is_some() {
+            self.held().handles += 1;
+        }
+    }
+
+    fn released(&self) {
+        let mut held = self.held();
+        held.handles = held.handles.saturating_sub(1);
+    }
+
+    /// DESTROY: the passthrough dropped every inode and handle.
+    fn clear(&self) {
+        *self.held() = Held::default();
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let held = self.held();
+        (held.lookups.len(), held.handles)
+    }
+}
+
 /// `PassthroughFs` with wisp's guards (see the module documentation).
 pub struct GuardedFs {
     inner: PassthroughFs<()>,
     read_only: bool,
     xattr: bool,
     cache: CacheMode,
+    holdings: Holdings,
 }
 
 impl GuardedFs {
@@ -110,7 +253,19 @@ impl GuardedFs {
             ..Config::default()
         };
         let inner = PassthroughFs::new(passthrough).map_err(|source| BackendError::Passthrough { tag, source })?;
-        Ok(Self { inner, read_only: config.read_only, xattr: config.xattr, cache: config.cache })
+        Ok(Self {
+            inner,
+            read_only: config.read_only,
+            xattr: config.xattr,
+            cache: config.cache,
+            holdings: Holdings::new(config),
+        })
+    }
+
+    /// (distinct inodes, open handles) held for the guest.
+    #[cfg(test)]
+    pub fn holdings(&self) -> (usize, usize) {
+        self.holdings.counts()
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -151,7 +306,8 @@ impl FileSystem for GuardedFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        self.holdings.clear();
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -162,17 +318,20 @@ impl FileSystem for GuardedFs {
         if bytes.contains(&b'/') {
             return Err(errno(libc::EINVAL));
         }
-        if parent == ROOT_ID && bytes == b".." {
-            return self.inner.lookup(ctx, parent, c".");
-        }
-        self.inner.lookup(ctx, parent, name)
+        let name = if parent == ROOT_ID && bytes == b".." { c"." } else { name };
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.holdings.entry(&self.inner, ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.holdings.forget(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for &(inode, count) in &requests {
+            self.holdings.forget(inode, count);
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -198,7 +357,9 @@ impl FileSystem for GuardedFs {
 
     fn symlink(&self, ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.holdings.inode_room()?;
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        self.holdings.entry(&self.inner, ctx, entry)
     }
 
     fn mknod(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry> {
@@ -206,12 +367,16 @@ impl FileSystem for GuardedFs {
         if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
             return Err(errno(libc::EPERM));
         }
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        self.holdings.inode_room()?;
+        let entry = self.inner.mknod(ctx, parent, name, mode, rdev, umask)?;
+        self.holdings.entry(&self.inner, ctx, entry)
     }
 
     fn mkdir(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.holdings.inode_room()?;
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        self.holdings.entry(&self.inner, ctx, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -239,7 +404,9 @@ impl FileSystem for GuardedFs {
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        // The guest holds `inode` already: a new reference, not a new inode.
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.holdings.entry(&self.inner, ctx, entry)
     }
 
     fn open(
@@ -253,7 +420,10 @@ impl FileSystem for GuardedFs {
         if self.read_only && (flags_i & libc::O_ACCMODE != libc::O_RDONLY || flags_i & libc::O_TRUNC != 0) {
             return Err(erofs());
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        self.holdings.handle_room()?;
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        self.holdings.opened(opened.0);
+        Ok(opened)
     }
 
     fn create(
@@ -264,7 +434,20 @@ impl FileSystem for GuardedFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
-        self.inner.create(ctx, parent, name, args)
+        self.holdings.inode_room()?;
+        self.holdings.handle_room()?;
+        let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
+        let entry = match self.holdings.entry(&self.inner, ctx, entry) {
+            Ok(entry) => entry,
+            Err(e) => {
+                if let Some(h) = handle {
+                    let _ = self.inner.release(ctx, entry.inode, 0, h, false, false, None);
+                }
+                return Err(e);
+            }
+        };
+        self.holdings.opened(handle);
+        Ok((entry, handle, opts, passthrough))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -324,7 +507,9 @@ impl FileSystem for GuardedFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.holdings.released();
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
@@ -354,7 +539,10 @@ impl FileSystem for GuardedFs {
     }
 
     fn opendir(&self, ctx: &Context, inode: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        self.holdings.handle_room()?;
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        self.holdings.opened(opened.0);
+        Ok(opened)
     }
 
     fn readdir(
@@ -378,7 +566,29 @@ impl FileSystem for GuardedFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdirplus(ctx, inode, handle, size, offset, add_entry)
+        // The passthrough looks up every name it lists (a reference each); it gives the
+        // reference back itself when the reply is full (Ok(0)), not on an error.
+        self.inner.readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+            if self.holdings.admit(entry.inode) {
+                let added = add_entry(dir_entry, entry);
+                match added {
+                    Ok(0) => self.holdings.forget(entry.inode, 1),
+                    Ok(_) => {}
+                    Err(_) => {
+                        self.holdings.forget(entry.inode, 1);
+                        self.inner.forget(ctx, entry.inode, 1);
+                    }
+                }
+                return added;
+            }
+            // Past the inode cap: the name is listed without an inode (node id 0, which
+            // the guest kernel takes as "no attributes for this one"; a later LOOKUP of
+            // it gets ENFILE), and the reference is given back at once.
+            self.inner.forget(ctx, entry.inode, 1);
+            let _ = self.holdings.refuse(&self.holdings.inodes_hit, "inodes", self.holdings.max_inodes);
+            let nameless = Entry { inode: 0, attr_timeout: Duration::ZERO, entry_timeout: Duration::ZERO, ..entry };
+            add_entry(dir_entry, nameless)
+        })
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -386,7 +596,9 @@ impl FileSystem for GuardedFs {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.holdings.released();
+        Ok(())
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
@@ -401,29 +613,75 @@ impl FileSystem for GuardedFs {
     }
 }
 
-/// Raises this process's soft limit on open files to the hard limit: the passthrough
-/// keeps one `O_PATH` descriptor per inode the guest has looked up (until it forgets
-/// it), and a container root file system easily has more files than the usual 1024.
-pub fn raise_open_file_limit() {
+/// Descriptors the VMM needs besides what its shares hold for the guest: KVM, the VM and
+/// vCPU fds, queue eventfds and irqfds, taps, disk images, the console, the control
+/// API, and up to 1024 vsock connections (`vsock::MAX_CONNECTIONS`) with their host
+/// streams and listeners.
+pub const FD_MARGIN: u64 = 4096;
+
+/// Descriptors wanted so far: the margin plus, per share, its inode and handle caps.
+static FDS_WANTED: AtomicU64 = AtomicU64::new(FD_MARGIN);
+
+/// Raises this process's soft limit on open files to what the shares' caps need: the
+/// passthrough keeps one descriptor per inode the guest holds and one per open handle,
+/// and a container root file system easily has more files than the usual 1024. Called
+/// once per share with its `max_inodes + max_handles`; the limit grows to the margin
+/// plus every share's caps, never past the hard limit and never down. Not simply the
+/// hard limit: that is often 2^20 or more, and would let a VMM bug or a share whose
+/// caps are set too high pin that many host files.
+pub fn raise_open_file_limit(share_caps: u64) {
+    let wanted = FDS_WANTED.fetch_add(share_caps, Ordering::Relaxed).saturating_add(share_caps);
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into `limit`, a valid rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         log::warn!("virtio-fs: cannot read the open file limit: {}", io::Error::last_os_error());
         return;
     }
-    if limit.rlim_cur >= limit.rlim_max {
-        return;
+    if limit.rlim_max < wanted {
+        log::warn!(
+            "virtio-fs: the shares' caps need {wanted} open files but the hard limit is {}; the guest may get \
+             EMFILE before it reaches a cap",
+            limit.rlim_max
+        );
     }
-    let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    let Some(soft) = soft_limit_for(limit.rlim_cur, limit.rlim_max, wanted) else { return };
+    let raised = libc::rlimit { rlim_cur: soft, rlim_max: limit.rlim_max };
     // SAFETY: setrlimit only reads `raised`.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         log::warn!(
-            "virtio-fs: cannot raise the open file limit from {} to {}: {}",
+            "virtio-fs: cannot raise the open file limit from {} to {soft}: {}",
             limit.rlim_cur,
-            limit.rlim_max,
             io::Error::last_os_error()
         );
     } else {
-        log::debug!("virtio-fs: open file limit raised from {} to {}", limit.rlim_cur, limit.rlim_max);
+        log::debug!("virtio-fs: open file limit raised from {} to {soft}", limit.rlim_cur);
+    }
+}
+
+/// The soft limit for `wanted` descriptors given the current soft and hard limits:
+/// `wanted` capped by the hard limit, or `None` when the current one is enough.
+fn soft_limit_for(current: u64, hard: u64, wanted: u64) -> Option<u64> {
+    let target = wanted.min(hard);
+    (target > current).then_some(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_limit_covers_the_caps_and_stays_under_the_hard_limit() {
+        // The usual 1024 soft limit, a 2^20 hard limit: raised to what is wanted only.
+        assert_eq!(soft_limit_for(1024, 1 << 20, 300_000), Some(300_000));
+        // A low hard limit caps it.
+        assert_eq!(soft_limit_for(1024, 4096, 300_000), Some(4096));
+        // Unlimited hard limit (RLIM_INFINITY): still only what is wanted.
+        assert_eq!(soft_limit_for(1024, libc::RLIM_INFINITY, 300_000), Some(300_000));
+        // Never lowered.
+        assert_eq!(soft_limit_for(500_000, 1 << 20, 300_000), None);
+        assert_eq!(soft_limit_for(300_000, 1 << 20, 300_000), None);
+        // The default caps fit under systemd's default hard limit for services.
+        let default = FD_MARGIN + u64::from(super::super::DEFAULT_MAX_INODES + super::super::DEFAULT_MAX_HANDLES);
+        assert!(default < 524_288, "{default}");
     }
 }

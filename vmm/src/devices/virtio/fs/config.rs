@@ -14,6 +14,21 @@ pub const TAG_MAX_LEN: usize = 36;
 /// them are served by the one device thread, so more queues add no parallelism here.
 pub const MAX_REQUEST_QUEUES: u16 = 16;
 
+/// Default cap on the distinct inodes the passthrough holds for the guest at once (it
+/// keeps an `O_PATH` descriptor per inode the guest has looked up and not forgotten;
+/// a guest can look up without ever forgetting). 262144 is 2.5 times a container root
+/// file system of 100,000 files walked end to end while the guest kept every inode
+/// cached; the guest kernel forgets inodes it evicts, so ordinary workloads stay far
+/// below. Not 1 << 20: with the handles below that needs more descriptors than the
+/// usual hard limit (systemd's default for services is 524288), so the descriptor
+/// limit, shared with everything else the VMM opens, would run out before the cap.
+pub const DEFAULT_MAX_INODES: u32 = 1 << 18;
+/// Default cap on the open files and directories (FUSE handles) the passthrough holds
+/// for the guest at once: one host descriptor each, until RELEASE. 65536 is the open
+/// file limit databases commonly ask of a whole host (Elasticsearch, Cassandra), far
+/// above what a container's processes hold open together.
+pub const DEFAULT_MAX_HANDLES: u32 = 1 << 16;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("virtio-fs tag is empty")]
@@ -30,6 +45,8 @@ pub enum ConfigError {
     Queues { tag: String, queues: u16 },
     #[error("unknown virtio-fs cache mode '{0}' (use never, auto or always)")]
     CacheMode(String),
+    #[error("virtio-fs share '{tag}': {what} is 0; the share would be unusable")]
+    ZeroLimit { tag: String, what: &'static str },
 }
 
 /// How much the guest may cache of what it reads from the share.
@@ -106,10 +123,17 @@ pub struct SharedDirConfig {
     pub request_queues: u16,
     /// Pass extended attributes through (off: the guest gets ENOSYS and stops asking).
     pub xattr: bool,
+    /// Most distinct inodes held for the guest at once; past it LOOKUP and the creating
+    /// operations fail with ENFILE (`DEFAULT_MAX_INODES`).
+    pub max_inodes: u32,
+    /// Most open handles (OPEN, OPENDIR, CREATE) held at once; past it they fail with
+    /// ENFILE (`DEFAULT_MAX_HANDLES`).
+    pub max_handles: u32,
 }
 
 impl SharedDirConfig {
-    /// A writable share with the defaults: cache `auto`, one request queue, no xattr.
+    /// A writable share with the defaults: cache `auto`, one request queue, no xattr,
+    /// the default inode and handle caps.
     pub fn new(tag: impl Into<String>, path: impl Into<PathBuf>) -> Self {
         Self {
             tag: tag.into(),
@@ -118,14 +142,21 @@ impl SharedDirConfig {
             cache: CacheMode::default(),
             request_queues: 1,
             xattr: false,
+            max_inodes: DEFAULT_MAX_INODES,
+            max_handles: DEFAULT_MAX_HANDLES,
         }
     }
 
-    /// Checks the tag, the queue count and that the path is a directory.
+    /// Checks the tag, the queue count, the caps and that the path is a directory.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_tag(&self.tag)?;
         if self.request_queues == 0 || self.request_queues > MAX_REQUEST_QUEUES {
             return Err(ConfigError::Queues { tag: self.tag.clone(), queues: self.request_queues });
+        }
+        for (what, value) in [("max-inodes", self.max_inodes), ("max-handles", self.max_handles)] {
+            if value == 0 {
+                return Err(ConfigError::ZeroLimit { tag: self.tag.clone(), what });
+            }
         }
         let path = self.path.display().to_string();
         match std::fs::metadata(&self.path) {
@@ -186,6 +217,9 @@ mod tests {
         c.request_queues = MAX_REQUEST_QUEUES + 1;
         assert!(c.validate().is_err());
         c.request_queues = 1;
+        c.max_handles = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::ZeroLimit { what: "max-handles", .. })));
+        c.max_handles = 1;
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
         c.path = file;

@@ -75,7 +75,7 @@ impl SharedDir {
     pub fn new(config: &SharedDirConfig) -> Result<Self, FsError> {
         config.validate()?;
         let fs = Arc::new(GuardedFs::new(config)?);
-        super::backend::raise_open_file_limit();
+        super::backend::raise_open_file_limit(u64::from(config.max_inodes) + u64::from(config.max_handles));
         let queues = 1 + usize::from(config.request_queues);
         let queue_events = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
@@ -98,6 +98,12 @@ impl SharedDir {
 
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// (distinct inodes, open handles) the passthrough holds for the guest.
+    #[cfg(test)]
+    pub fn holdings(&self) -> (usize, usize) {
+        self.fs.holdings()
     }
 
     /// The guest kicked queue `index`: consume the kick and, once activated, serve the

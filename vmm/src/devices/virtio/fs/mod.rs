@@ -17,6 +17,10 @@
 //! the guest, in its own namespace. Host processes that walk the share must not follow
 //! symlinks the guest created there either.
 //!
+//! Bounds: the distinct inodes and the open handles the passthrough holds for the guest
+//! (each a host descriptor) are capped per share (`SharedDirConfig::max_inodes`,
+//! `max_handles`); past a cap the request fails with ENFILE (`backend::Holdings`).
+//!
 //! Limits: no DAX window; no file locks (the guest keeps them locally); one thread
 //! serves every queue, so extra request queues add no parallelism. When the guest
 //! mounts a share, fuse-backend-rs sets this process's umask to 0 (so the guest's own
@@ -36,6 +40,9 @@ mod test_utils;
 mod tests;
 
 pub use backend::BackendError;
-pub use config::{validate_tag, CacheMode, ConfigError, SharedDirConfig, MAX_REQUEST_QUEUES, TAG_MAX_LEN};
+pub use config::{
+    validate_tag, CacheMode, ConfigError, SharedDirConfig, DEFAULT_MAX_HANDLES, DEFAULT_MAX_INODES, MAX_REQUEST_QUEUES,
+    TAG_MAX_LEN,
+};
 pub use device::{FsError, SharedDir, HIPRIO_QUEUE_SIZE, MAX_REQUESTS_PER_WAKEUP, QUEUE_SIZE};
 pub use request::BadRequest;

@@ -252,6 +252,49 @@ impl FuseDriver {
         self.call(Opcode::Release, ino, ReleaseIn { fh, ..Default::default() }.as_slice())
     }
 
+    pub fn opendir(&mut self, ino: u64) -> Result<OpenOut, i32> {
+        let open = OpenIn { flags: libc::O_RDONLY as u32, fuse_flags: 0 };
+        self.call(Opcode::Opendir, ino, open.as_slice()).map(|d| out(&d))
+    }
+
+    pub fn releasedir(&mut self, ino: u64, fh: u64) -> Reply {
+        self.call(Opcode::Releasedir, ino, ReleaseIn { fh, ..Default::default() }.as_slice())
+    }
+
+    /// READDIRPLUS from the start of the directory: (name, node id) per entry listed.
+    pub fn readdirplus(&mut self, ino: u64, fh: u64) -> Result<Vec<(String, u64)>, i32> {
+        let read = ReadIn { fh, offset: 0, size: 64 * 1024, ..Default::default() };
+        let data = self.call(Opcode::Readdirplus, ino, read.as_slice())?;
+        let mut entries = Vec::new();
+        let mut rest = &data[..];
+        let entry_len = std::mem::size_of::<EntryOut>();
+        // fuse_direntplus: entry_out, then the dirent (ino, off, namelen, type), the
+        // name, padding to 8 bytes.
+        while rest.len() >= entry_len + 24 {
+            let entry: EntryOut = out(rest);
+            let namelen = u32::from_le_bytes(rest[entry_len + 16..entry_len + 20].try_into().unwrap()) as usize;
+            let name = String::from_utf8_lossy(&rest[entry_len + 24..entry_len + 24 + namelen]).into_owned();
+            entries.push((name, entry.nodeid));
+            let len = (entry_len + 24 + namelen + 7) & !7;
+            rest = &rest[len.min(rest.len())..];
+        }
+        Ok(entries)
+    }
+
+    /// FORGET on the hiprio queue (no reply).
+    pub fn forget(&mut self, ino: u64, count: u64) {
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + 8) as u32,
+            opcode: Opcode::Forget as u32,
+            unique: 0,
+            nodeid: ino,
+            ..Default::default()
+        };
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(&count.to_le_bytes());
+        assert_eq!(self.submit_raw(0, &bytes, 0), 0, "FORGET has no reply");
+    }
+
     /// CREATE: the new entry and the open handle.
     pub fn create(&mut self, parent: u64, name: &str, flags: i32, mode: u32) -> Result<(EntryOut, OpenOut), i32> {
         let create = CreateIn { flags: flags as u32, mode, umask: 0, fuse_flags: 0 };

@@ -565,3 +565,101 @@ fn a_panic_in_the_server_becomes_an_eio_reply() {
     let out: OutHeader = mem.read_obj(GuestAddress(REPLY)).unwrap();
     assert_eq!((out.error, out.unique), (0, 43));
 }
+
+/// A share with `n` files `f0`, `f1`, ... besides `share()`'s.
+fn share_with_files(n: usize) -> tempfile::TempDir {
+    let dir = share();
+    for i in 0..n {
+        std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
+    }
+    dir
+}
+
+#[test]
+fn lookups_past_the_inode_cap_fail_with_enfile_until_the_guest_forgets() {
+    let dir = share_with_files(3);
+    let mut cfg = config(&dir);
+    cfg.max_inodes = 2;
+    let mut d = FuseDriver::mounted(&cfg);
+    let f0 = d.lookup(ROOT_ID, "f0").unwrap().nodeid;
+    let sub = d.lookup(ROOT_ID, "sub").unwrap().nodeid;
+    // More lookups of inodes already held, and of the root, take no room.
+    assert_eq!(d.lookup(ROOT_ID, "f0").unwrap().nodeid, f0);
+    assert_eq!(d.lookup(ROOT_ID, "..").unwrap().nodeid, ROOT_ID);
+    assert_eq!(d.lookup(sub, "..").unwrap().nodeid, ROOT_ID);
+    assert_eq!(d.dev.holdings().0, 2);
+    // A third inode is one too many, however it is reached.
+    assert_eq!(d.lookup(ROOT_ID, "f1").map(|_| ()), Err(libc::ENFILE));
+    assert_eq!(d.lookup(sub, "inner.txt").map(|_| ()), Err(libc::ENFILE));
+    assert_eq!(d.mkdir(ROOT_ID, "newdir", 0o755).map(|_| ()), Err(libc::ENFILE));
+    assert!(!dir.path().join("newdir").exists(), "nothing is created past the cap");
+    assert_eq!(d.mknod(ROOT_ID, "fifo", libc::S_IFIFO | 0o644, 0).map(|_| ()), Err(libc::ENFILE));
+    assert_eq!(d.create(ROOT_ID, "new.txt", libc::O_RDWR, 0o644).map(|_| ()), Err(libc::ENFILE));
+    assert!(!dir.path().join("new.txt").exists());
+    assert_eq!(d.dev.holdings().0, 2, "refused lookups hold nothing");
+    // f0 was looked up twice: one FORGET of 1 keeps it, a second frees its place.
+    d.forget(f0, 1);
+    assert_eq!(d.lookup(ROOT_ID, "f1").map(|_| ()), Err(libc::ENFILE));
+    d.forget(f0, 1);
+    assert_eq!(d.dev.holdings().0, 1);
+    let f1 = d.lookup(ROOT_ID, "f1").unwrap();
+    assert_eq!(d.getattr(f1.nodeid).unwrap().attr.ino, f1.attr.ino);
+    // DESTROY drops everything, and so do the counts.
+    let used = d.submit_raw(REQUEST_QUEUE, &header(Opcode::Destroy as u32, 90, 40), 4096);
+    assert_eq!(d.reply(used).0.error, 0);
+    assert_eq!(d.dev.holdings(), (0, 0));
+}
+
+#[test]
+fn opens_past_the_handle_cap_fail_with_enfile_until_the_guest_releases() {
+    let dir = share();
+    let mut cfg = config(&dir);
+    cfg.max_handles = 2;
+    let mut d = FuseDriver::mounted(&cfg);
+    let hello = d.lookup(ROOT_ID, "hello.txt").unwrap().nodeid;
+    let fh1 = d.open(hello, libc::O_RDONLY).unwrap().fh;
+    let dh = d.opendir(ROOT_ID).unwrap().fh;
+    assert_eq!(d.dev.holdings().1, 2);
+    assert_eq!(d.open(hello, libc::O_RDONLY).map(|_| ()), Err(libc::ENFILE));
+    assert_eq!(d.opendir(ROOT_ID).map(|_| ()), Err(libc::ENFILE));
+    assert_eq!(d.create(ROOT_ID, "new.txt", libc::O_RDWR, 0o644).map(|_| ()), Err(libc::ENFILE));
+    assert!(!dir.path().join("new.txt").exists(), "nothing is created past the cap");
+    // A RELEASE of a handle that does not exist frees nothing.
+    assert_eq!(d.release(hello, 9999), Err(libc::EBADF));
+    assert_eq!(d.open(hello, libc::O_RDONLY).map(|_| ()), Err(libc::ENFILE));
+    d.release(hello, fh1).unwrap();
+    let fh2 = d.open(hello, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(d.read(hello, fh2, 0, 5).unwrap(), b"hello");
+    d.releasedir(ROOT_ID, dh).unwrap();
+    let (entry, opened) = d.create(ROOT_ID, "new.txt", libc::O_RDWR, 0o644).unwrap();
+    assert!(dir.path().join("new.txt").exists());
+    assert_eq!(d.dev.holdings().1, 2);
+    d.release(entry.nodeid, opened.fh).unwrap();
+    assert_eq!(d.dev.holdings().1, 1);
+}
+
+#[test]
+fn readdirplus_past_the_inode_cap_lists_names_without_inodes() {
+    let dir = share_with_files(3);
+    let mut cfg = config(&dir);
+    cfg.max_inodes = 2;
+    let mut d = FuseDriver::mounted(&cfg);
+    let dh = d.opendir(ROOT_ID).unwrap().fh;
+    let mut listed = d.readdirplus(ROOT_ID, dh).unwrap();
+    listed.sort();
+    let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["f0", "f1", "f2", "hello.txt", "sub"], "every name is listed");
+    let with_inode: Vec<u64> = listed.iter().map(|&(_, id)| id).filter(|&id| id != 0).collect();
+    assert_eq!(with_inode.len(), 2, "{listed:?}");
+    assert_eq!(d.dev.holdings().0, 2, "the entries past the cap hold nothing");
+    let skipped = listed.iter().find(|(_, id)| *id == 0).unwrap().0.clone();
+    assert_eq!(d.lookup(ROOT_ID, &skipped).map(|_| ()), Err(libc::ENFILE));
+    // The listed inodes are real: the guest can use and forget them.
+    for id in with_inode {
+        assert!(d.getattr(id).is_ok());
+        d.forget(id, 1);
+    }
+    assert_eq!(d.dev.holdings().0, 0);
+    assert!(d.lookup(ROOT_ID, &skipped).is_ok());
+    d.releasedir(ROOT_ID, dh).unwrap();
+}

@@ -37,6 +37,8 @@ pub use device::{Vsock, VsockError};
 pub use muxer::MuxerError;
 pub use packet::PacketError;
 pub use unix::UnixBackendError;
+/// The host clients' handshake parser, public for the fuzz targets (`fuzz/`).
+pub use unix::{ConnectLine, HandshakeProgress};
 
 /// The CID of the host, as the guest sees it (`VMADDR_CID_HOST`).
 pub const VSOCK_HOST_CID: u64 = 2;

@@ -1,0 +1,298 @@
+//! The snapshot file: what is in it, in which order, and how a damaged or foreign file
+//! is told apart from a good one.
+//!
+//! Layout (integers little-endian):
+//!
+//! ```text
+//! "WISPSNAP"            8 bytes, the magic
+//! version               u32, FORMAT_VERSION
+//! section*              header, vm, vcpu0 .. vcpuN-1, end: exactly this order
+//!   kind                u16: 1 header, 2 vm, 3 vcpu, 4 end
+//!   index               u16: the vCPU's index for vcpu sections, 0 for the others
+//!   length              u32: payload bytes, at most the kind's maximum
+//!   payload             `length` bytes (header.rs, vm.rs, vcpu.rs; end: u16 vCPU count)
+//!   crc32               u32: CRC-32 (zlib's) of kind, index, length and payload
+//! ```
+//!
+//! Nothing may follow the end section. Guest memory is not in this file.
+//!
+//! Trust: `Snapshot::decode` takes any bytes: a truncated, corrupted or hand-made file
+//! gets a `FormatError` saying where and what, never a panic, and no length read from
+//! the file is trusted before it is checked against the kind's maximum and the bytes
+//! that are there. A file that decodes is self-consistent; whether it may be restored
+//! here is `Header::check_restorable`'s question.
+
+use std::fmt;
+
+use super::codec::{crc32, FieldError, Reader, Writer};
+use super::header::Header;
+use super::vcpu::VcpuState;
+use super::vm::VmState;
+
+pub const MAGIC: [u8; 8] = *b"WISPSNAP";
+/// The layout of this file and of every struct in it (`kvm_structs`); a change to
+/// either gets a new version, and a file of another version is refused.
+pub const FORMAT_VERSION: u32 = 1;
+/// The most vCPUs a snapshot holds (vCPU indexes are u8 in wisp-vmm).
+pub const MAX_VCPUS: usize = 255;
+
+const PRELUDE_BYTES: usize = 12;
+const SECTION_HEADER_BYTES: usize = 8;
+const CRC_BYTES: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectionKind {
+    Header = 1,
+    Vm = 2,
+    Vcpu = 3,
+    End = 4,
+}
+
+impl SectionKind {
+    fn from_tag(tag: u16) -> Option<Self> {
+        Some(match tag {
+            1 => Self::Header,
+            2 => Self::Vm,
+            3 => Self::Vcpu,
+            4 => Self::End,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload a section of this kind can have; generous against what
+    /// this version writes (a vCPU is about 9 KiB, the VM 1.6 KiB).
+    pub fn max_len(self) -> usize {
+        match self {
+            Self::Header => 256 << 10,
+            Self::Vm => 8 << 10,
+            Self::Vcpu => 64 << 10,
+            Self::End => 2,
+        }
+    }
+}
+
+/// A section as errors name it: `header`, `vm`, `vcpu3`, `end` (`header#2` for a
+/// non-vCPU section with an index, `kind 9` for an unknown one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SectionId {
+    pub tag: u16,
+    pub index: u16,
+}
+
+impl SectionId {
+    fn of(kind: SectionKind, index: u16) -> Self {
+        Self { tag: kind as u16, index }
+    }
+}
+
+impl fmt::Display for SectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match SectionKind::from_tag(self.tag) {
+            Some(SectionKind::Vcpu) => return write!(f, "vcpu{}", self.index),
+            Some(SectionKind::Header) => "header",
+            Some(SectionKind::Vm) => "vm",
+            Some(SectionKind::End) => "end",
+            None => return write!(f, "kind {}", self.tag),
+        };
+        match self.index {
+            0 => f.write_str(name),
+            i => write!(f, "{name}#{i}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a wisp-vmm snapshot: it starts with {found:02x?}, not \"WISPSNAP\"")]
+    BadMagic { found: Vec<u8> },
+    #[error("snapshot format version {found}, this wisp-vmm reads version {expected}")]
+    Version { found: u32, expected: u32 },
+    #[error("the snapshot is {len} bytes, more than the {max} a snapshot can have")]
+    TooLarge { len: u64, max: u64 },
+    #[error("snapshot truncated: {what} at byte {offset} needs {need} bytes, {have} are left")]
+    Truncated { what: &'static str, offset: usize, need: usize, have: usize },
+    #[error("section {section} at byte {offset} claims {len} bytes, more than the {max} such a section can have")]
+    SectionTooLarge { section: SectionId, offset: usize, len: usize, max: usize },
+    #[error(
+        "section {section} truncated: at byte {offset} it claims {len} bytes and a checksum, {have} bytes are left"
+    )]
+    SectionTruncated { section: SectionId, offset: usize, len: usize, have: usize },
+    #[error("section {section} at byte {offset} is corrupted: its checksum is {stored:#010x}, its bytes give {computed:#010x}")]
+    Checksum { section: SectionId, offset: usize, stored: u32, computed: u32 },
+    #[error("section {section} at byte {offset} is of a kind this wisp-vmm does not know")]
+    UnknownSection { section: SectionId, offset: usize },
+    #[error("section {found} at byte {offset} where section {expected} belongs")]
+    OutOfOrder { found: SectionId, expected: String, offset: usize },
+    #[error("the snapshot ends at byte {offset} without section {expected}")]
+    Missing { expected: String, offset: usize },
+    #[error("the end section says {declared} vCPUs, the snapshot has {found}")]
+    VcpuCount { declared: usize, found: usize },
+    #[error("{len} bytes follow the end section at byte {offset}")]
+    TrailingData { offset: usize, len: usize },
+    #[error("section {section}: {source}")]
+    Content { section: SectionId, source: FieldError },
+}
+
+/// Everything in a snapshot file.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub header: Header,
+    pub vm: VmState,
+    /// One per vCPU, by index; at least one, at most `MAX_VCPUS`.
+    pub vcpus: Vec<VcpuState>,
+}
+
+fn put_section(out: &mut Vec<u8>, kind: SectionKind, index: u16, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&(kind as u16).to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// One section as read: its id, payload and where it started.
+struct RawSection<'a> {
+    id: SectionId,
+    kind: SectionKind,
+    payload: &'a [u8],
+    offset: usize,
+}
+
+fn le_u16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Reads the section at `offset`: bounds, then checksum, then kind.
+fn read_section(bytes: &[u8], offset: usize) -> Result<RawSection<'_>, FormatError> {
+    let rest = &bytes[offset..];
+    if rest.len() < SECTION_HEADER_BYTES {
+        let (need, have) = (SECTION_HEADER_BYTES, rest.len());
+        return Err(FormatError::Truncated { what: "a section header", offset, need, have });
+    }
+    let id = SectionId { tag: le_u16(&rest[0..2]), index: le_u16(&rest[2..4]) };
+    let len = le_u32(&rest[4..8]) as usize;
+    let kind = SectionKind::from_tag(id.tag);
+    let max = kind.map_or(SectionKind::Header.max_len(), SectionKind::max_len);
+    if len > max {
+        return Err(FormatError::SectionTooLarge { section: id, offset, len, max });
+    }
+    let body = SECTION_HEADER_BYTES + len;
+    if rest.len() < body + CRC_BYTES {
+        let have = rest.len() - SECTION_HEADER_BYTES;
+        return Err(FormatError::SectionTruncated { section: id, offset, len, have });
+    }
+    let stored = le_u32(&rest[body..body + CRC_BYTES]);
+    let computed = crc32(&rest[..body]);
+    if stored != computed {
+        return Err(FormatError::Checksum { section: id, offset, stored, computed });
+    }
+    let kind = kind.ok_or(FormatError::UnknownSection { section: id, offset })?;
+    Ok(RawSection { id, kind, payload: &rest[SECTION_HEADER_BYTES..body], offset })
+}
+
+impl RawSection<'_> {
+    fn expect(&self, kind: SectionKind, index: u16, also: &str) -> Result<(), FormatError> {
+        let expected = SectionId::of(kind, index);
+        if self.id != expected {
+            return Err(FormatError::OutOfOrder {
+                found: self.id,
+                expected: format!("{expected}{also}"),
+                offset: self.offset,
+            });
+        }
+        Ok(())
+    }
+
+    fn decode<T>(&self, f: impl FnOnce(&mut Reader) -> Result<T, FieldError>) -> Result<T, FormatError> {
+        let content = |source| FormatError::Content { section: self.id, source };
+        let mut r = Reader::new(self.payload);
+        let value = f(&mut r).map_err(content)?;
+        r.finish().map_err(content)?;
+        Ok(value)
+    }
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        debug_assert!(!self.vcpus.is_empty() && self.vcpus.len() <= MAX_VCPUS);
+        let mut out = Vec::with_capacity(16 << 10);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let section = |out: &mut Vec<u8>, kind, index, encode: &dyn Fn(&mut Writer)| {
+            let mut w = Writer::new();
+            encode(&mut w);
+            put_section(out, kind, index, &w.into_bytes());
+        };
+        section(&mut out, SectionKind::Header, 0, &|w| self.header.encode(w));
+        section(&mut out, SectionKind::Vm, 0, &|w| self.vm.encode(w));
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            section(&mut out, SectionKind::Vcpu, i as u16, &|w| vcpu.encode(w));
+        }
+        section(&mut out, SectionKind::End, 0, &|w| w.count(self.vcpus.len()));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        if bytes.len() < PRELUDE_BYTES {
+            if !MAGIC.starts_with(&bytes[..bytes.len().min(MAGIC.len())]) {
+                return Err(FormatError::BadMagic { found: bytes[..bytes.len().min(MAGIC.len())].to_vec() });
+            }
+            let (need, have) = (PRELUDE_BYTES, bytes.len());
+            return Err(FormatError::Truncated { what: "the magic and version", offset: 0, need, have });
+        }
+        if bytes[..8] != MAGIC {
+            return Err(FormatError::BadMagic { found: bytes[..8].to_vec() });
+        }
+        let version = le_u32(&bytes[8..12]);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::Version { found: version, expected: FORMAT_VERSION });
+        }
+        let mut offset = PRELUDE_BYTES;
+        let next = |offset: &mut usize, expected: &str| {
+            if *offset == bytes.len() {
+                return Err(FormatError::Missing { expected: expected.to_string(), offset: *offset });
+            }
+            let s = read_section(bytes, *offset)?;
+            *offset += SECTION_HEADER_BYTES + s.payload.len() + CRC_BYTES;
+            Ok(s)
+        };
+
+        let s = next(&mut offset, "header")?;
+        s.expect(SectionKind::Header, 0, "")?;
+        let header = s.decode(Header::decode)?;
+        let s = next(&mut offset, "vm")?;
+        s.expect(SectionKind::Vm, 0, "")?;
+        let vm = s.decode(VmState::decode)?;
+
+        let mut vcpus: Vec<VcpuState> = Vec::new();
+        loop {
+            let index = vcpus.len() as u16;
+            let expected = if vcpus.is_empty() { "vcpu0".to_string() } else { format!("vcpu{index} or end") };
+            let s = next(&mut offset, &expected)?;
+            if s.kind == SectionKind::End && !vcpus.is_empty() {
+                s.expect(SectionKind::End, 0, "")?;
+                let declared = s.decode(|r| r.u16("vCPU count"))? as usize;
+                if declared != vcpus.len() {
+                    return Err(FormatError::VcpuCount { declared, found: vcpus.len() });
+                }
+                break;
+            }
+            let also = if vcpus.is_empty() { "" } else { " or end" };
+            s.expect(SectionKind::Vcpu, index, also)?;
+            if vcpus.len() == MAX_VCPUS {
+                return Err(FormatError::OutOfOrder { found: s.id, expected: "end".into(), offset: s.offset });
+            }
+            vcpus.push(s.decode(VcpuState::decode)?);
+        }
+        if offset != bytes.len() {
+            return Err(FormatError::TrailingData { offset, len: bytes.len() - offset });
+        }
+        Ok(Self { header, vm, vcpus })
+    }
+}

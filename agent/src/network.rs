@@ -121,7 +121,12 @@ fn add_address(nl: &mut RouteSocket, index: u32, addr: IpAddr, prefix: u8) -> Re
     Ok(())
 }
 
-pub fn update_interface(iface: &Interface) -> Result<Interface> {
+/// An interface's MAC and its addresses with their prefix lengths.
+pub type CheckedInterface = ([u8; 6], Vec<(IpAddr, u8)>);
+
+/// An UpdateInterface request checked (the shim's word is not trusted blindly): the MAC
+/// it names and its addresses, or what is wrong with it. Touches nothing.
+pub fn check_interface(iface: &Interface) -> Result<CheckedInterface> {
     let mac = wisp_protocols::mac::parse_mac(&iface.mac).map_err(NetworkError::Invalid)?;
     if !iface.name.is_empty() {
         check_ifname(&iface.name)?;
@@ -129,7 +134,12 @@ pub fn update_interface(iface: &Interface) -> Result<Interface> {
     if iface.mtu != 0 && !(68..=65535).contains(&iface.mtu) {
         return Err(NetworkError::Invalid(format!("MTU {} is out of range 68-65535", iface.mtu)));
     }
-    let addrs: Vec<(IpAddr, u8)> = iface.addresses.iter().map(parse_address).collect::<Result<_>>()?;
+    let addrs = iface.addresses.iter().map(parse_address).collect::<Result<_>>()?;
+    Ok((mac, addrs))
+}
+
+pub fn update_interface(iface: &Interface) -> Result<Interface> {
+    let (mac, addrs) = check_interface(iface)?;
 
     let mut nl = RouteSocket::open()?;
     let link = link_by_mac(&mut nl, &mac)?.ok_or_else(|| NetworkError::NoSuchMac(iface.mac.clone()))?;
@@ -159,13 +169,17 @@ pub fn update_interface(iface: &Interface) -> Result<Interface> {
     Ok(iface.clone())
 }
 
-pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
-    struct Parsed<'a> {
-        r: &'a Route,
-        dest: Option<(IpAddr, u8)>,
-        gw: Option<IpAddr>,
-        src: Option<IpAddr>,
-    }
+/// A route of an UpdateRoutes request, checked.
+pub struct CheckedRoute<'a> {
+    r: &'a Route,
+    dest: Option<(IpAddr, u8)>,
+    gw: Option<IpAddr>,
+    src: Option<IpAddr>,
+}
+
+/// An UpdateRoutes request checked: its routes parsed, link routes first (gateway routes
+/// need their gateway reachable), or what is wrong with it. Touches nothing.
+pub fn check_routes(routes: &[Route]) -> Result<Vec<CheckedRoute<'_>>> {
     let mut parsed = Vec::new();
     for r in routes {
         let ip = |s: &str, what: &str| -> Result<Option<IpAddr>> {
@@ -177,15 +191,22 @@ pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
         if r.scope > 255 {
             return Err(NetworkError::Invalid(format!("route scope {} is out of range", r.scope)));
         }
-        parsed.push(Parsed {
+        if !r.device.is_empty() {
+            check_ifname(&r.device)?;
+        }
+        parsed.push(CheckedRoute {
             r,
             dest: parse_cidr(&r.destination)?,
             gw: ip(&r.gateway, "gateway")?,
             src: ip(&r.source, "source")?,
         });
     }
-    // Link routes first: gateway routes need their gateway reachable.
     parsed.sort_by_key(|p| p.gw.is_some());
+    Ok(parsed)
+}
+
+pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
+    let parsed = check_routes(routes)?;
     let mut nl = RouteSocket::open()?;
     for p in &parsed {
         let mut m = RouteMessage::default();
@@ -210,7 +231,6 @@ pub fn update_routes(routes: &[Route]) -> Result<Vec<Route>> {
             m.attributes.push(RouteAttribute::PrefSource(route_addr(s)));
         }
         if !p.r.device.is_empty() {
-            check_ifname(&p.r.device)?;
             let idx = index_of(&mut nl, &p.r.device)?;
             m.attributes.push(RouteAttribute::Oif(idx));
         }
@@ -293,5 +313,21 @@ mod tests {
         assert!(matches!(update_interface(&i), Err(NetworkError::Invalid(_))));
         let r = Route { destination: "10.0.0.0/8".into(), gateway: "x".into(), ..Default::default() };
         assert!(matches!(update_routes(&[r]), Err(NetworkError::Invalid(_))));
+    }
+
+    /// A bad route anywhere in the request refuses all of it before any is added (a bad
+    /// device used to be found only when its route's turn came); link routes go first.
+    #[test]
+    fn route_requests_are_checked_whole_before_netlink() {
+        let good = Route { destination: "10.0.0.0/8".into(), device: "eth0".into(), ..Default::default() };
+        let via = Route { gateway: "10.0.0.1".into(), ..Default::default() };
+        let bad_dev = Route { destination: "10.1.0.0/16".into(), device: "a b".into(), ..Default::default() };
+        let e = check_routes(&[good.clone(), bad_dev]).err().expect("a bad device was accepted");
+        assert!(matches!(&e, NetworkError::Invalid(m) if m.contains("\"a b\"")), "{e}");
+        let scope = Route { scope: 256, ..good.clone() };
+        assert!(matches!(check_routes(&[scope]), Err(NetworkError::Invalid(_))));
+        let routes = [via, good];
+        let checked = check_routes(&routes).unwrap();
+        assert_eq!(checked.iter().map(|r| r.gw.is_some()).collect::<Vec<_>>(), [false, true]);
     }
 }

@@ -54,6 +54,8 @@ pub enum SpecError {
     BadCgroupPath(String),
     #[error("sysctl {0:?} is not a valid key or value")]
     BadSysctl(String),
+    #[error("linux.rootfsPropagation {0:?} is not one of shared, slave, private, unbindable (or their r-forms)")]
+    BadRootfsPropagation(String),
     #[error("the pod's sandbox container is not running: cannot join its namespaces")]
     SandboxGone,
 }
@@ -180,6 +182,8 @@ pub fn prepare(
     let own_pid_ns = namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Pid && ns.path().is_none());
     linux.set_namespaces(Some(namespaces));
     linux.set_mount_label(None);
+    let propagation = rootfs_propagation(linux.rootfs_propagation().as_deref())?;
+    linux.set_rootfs_propagation(propagation);
 
     let cgroup_path = cgroup_path(linux.cgroups_path().as_deref(), container_id, &policy.cgroup_parent)?;
     linux.set_cgroups_path(Some(cgroup_path.clone()));
@@ -200,6 +204,20 @@ pub fn prepare(
     }
     spec.set_linux(Some(linux));
     Ok(PreparedSpec { spec, cgroup_path, net_sysctls, own_pid_ns })
+}
+
+/// libcontainer takes `shared`, `slave`, `private` and `unbindable` (and applies each to
+/// the whole tree); containerd writes runc's recursive names, `rslave` for a volume with
+/// host-to-container propagation and `rshared` for a bidirectional one.
+fn rootfs_propagation(p: Option<&str>) -> Result<Option<String>, SpecError> {
+    const KNOWN: [&str; 4] = ["shared", "slave", "private", "unbindable"];
+    let Some(v) = p.filter(|v| !v.is_empty()) else { return Ok(None) };
+    let base = v.strip_prefix('r').filter(|b| KNOWN.contains(b)).unwrap_or(v);
+    if KNOWN.contains(&base) {
+        Ok(Some(base.to_string()))
+    } else {
+        Err(SpecError::BadRootfsPropagation(v.chars().take(64).collect()))
+    }
 }
 
 fn check_sysctl(k: &str, v: &str) -> Result<(), SpecError> {
@@ -295,6 +313,19 @@ mod tests {
 
     fn path_of(nss: &[LinuxNamespace], t: LinuxNamespaceType) -> Option<Option<String>> {
         nss.iter().find(|n| n.typ() == t).map(|n| n.path().as_ref().map(|p| p.display().to_string()))
+    }
+
+    #[test]
+    fn rootfs_propagation_takes_runcs_recursive_names() {
+        assert_eq!(rootfs_propagation(Some("rslave")).unwrap().as_deref(), Some("slave"));
+        assert_eq!(rootfs_propagation(Some("rshared")).unwrap().as_deref(), Some("shared"));
+        assert_eq!(rootfs_propagation(Some("private")).unwrap().as_deref(), Some("private"));
+        assert_eq!(rootfs_propagation(Some("")).unwrap(), None);
+        assert_eq!(rootfs_propagation(None).unwrap(), None);
+        for bad in ["r", "rr", "rrslave", "sideways", "slave\0"] {
+            let e = rootfs_propagation(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("rootfsPropagation"), "{e}");
+        }
     }
 
     #[test]

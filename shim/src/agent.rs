@@ -10,7 +10,7 @@ use wisp_protocols::agent::CheckRequest;
 use wisp_protocols::agent_ttrpc::AgentClient;
 use wisp_protocols::{hybrid_vsock, AGENT_API_VERSION, AGENT_TTRPC_PORT};
 
-use crate::sandbox::TaskError;
+use crate::pod::TaskError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -1,7 +1,9 @@
 //! Bounds on what the shim takes from the guest. The agent and the guest console are
 //! the guest's: whatever they send may be hostile. Text that reaches containerd (error
 //! messages) or the shim's log (console tails) is capped and stripped of control
-//! characters (a forged newline would forge a log entry); events are rate-limited.
+//! characters (a forged newline would forge a log entry); events are rate-limited. The
+//! VMM's stderr is the guest's too, in part (what the guest makes the VMM log), and is
+//! forwarded to the shim's log under a rate limit (`vm.rs`).
 
 use std::time::Instant;
 
@@ -30,7 +32,7 @@ pub struct RateLimit {
     burst: f64,
     tokens: f64,
     last: Instant,
-    /// Events refused since the last one allowed.
+    /// Events refused in all.
     pub dropped: u64,
 }
 
@@ -50,7 +52,7 @@ impl RateLimit {
         self.allow_at(Instant::now())
     }
 
-    fn allow_at(&mut self, now: Instant) -> bool {
+    pub(crate) fn allow_at(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);

@@ -2,48 +2,14 @@
 //! removed and by `delete` after a shim died (containerd then runs
 //! `containerd-shim-wisp-v2 delete` in the bundle directory).
 
-use std::path::{Path, PathBuf};
-
-/// Mount points at or below `dir`, deepest first, from /proc/self/mountinfo.
-pub fn mounts_below(dir: &Path, mountinfo: &str) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found.dedup();
-    found
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let code = std::str::from_utf8(&b[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok());
-            if let Some(v) = code {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use std::path::Path;
 
 /// Unmounts every mount below `dir` (deepest first; lazily when busy). Each is opened
 /// from `dir` without following a symlink (`hostfs`), so a path in the mount table that
 /// a guest redirected is skipped with a warning, never followed.
 pub fn unmount_below(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    let below = mounts_below(dir, &info);
+    let Ok(entries) = crate::mountinfo::read() else { return };
+    let below = crate::mountinfo::mount_points_below(&entries, dir);
     if below.is_empty() {
         return;
     }
@@ -70,44 +36,43 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
-/// After a dead shim: kill its VMM (pid file), unmount and remove the sandbox dir.
+/// After a dead shim: kill its VMM, unmount and remove the sandbox dir. The VMM is
+/// found by the pid and start time its shim recorded (`vmm.pid`) and signalled through
+/// a pidfd after its identity is checked (`pidfd::kill_recorded`), so a process that
+/// reused the pid is left alone. (The VMM normally died with its shim already: its
+/// parent-death signal is SIGKILL.)
 pub fn cleanup_sandbox_dir(dir: &Path) {
-    if let Ok(pid) = std::fs::read_to_string(dir.join("vmm.pid")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            if is_vmm(pid) {
-                // SAFETY: kill(2); the pid was checked to be a wisp-vmm process.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+    if let Ok(text) = std::fs::read_to_string(dir.join("vmm.pid")) {
+        match crate::pidfd::VmmRecord::parse(&text) {
+            Some(record) => match crate::pidfd::kill_recorded(record, "wisp-vmm") {
+                Ok(crate::pidfd::KillOutcome::Killed) => log::info!("killed the leftover wisp-vmm[{}]", record.pid),
+                Ok(crate::pidfd::KillOutcome::Gone) => {}
+                Ok(crate::pidfd::KillOutcome::NotTheRecorded(why)) => {
+                    log::info!("not killing pid {}: not the recorded wisp-vmm ({why})", record.pid)
+                }
+                Err(e) => log::warn!("cannot check or kill the leftover wisp-vmm[{}]: {e}", record.pid),
+            },
+            None => log::warn!(
+                "{}: not a pid and start time; no VMM is killed by it",
+                dir.join("vmm.pid").display()
+            ),
         }
     }
-    crate::sandbox::remove_state_dir(dir);
+    remove_state_dir(dir);
 }
 
-fn is_vmm(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "wisp-vmm")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_mounts_below_deepest_first() {
-        let info = "\
-36 1 0:32 / / rw - ext4 /dev/vda rw
-40 36 0:40 / /run/wisp/sb1/shared/c1/rootfs rw - overlay overlay rw
-41 40 0:41 / /run/wisp/sb1/shared/c1/mounts/3 rw - ext4 /dev/vda rw
-42 36 0:42 / /run/wisp/sb10/shared/x rw - tmpfs t rw
-43 36 0:43 / /run/wisp/sb1/shared/with\\040space rw - tmpfs t rw
-";
-        let m = mounts_below(Path::new("/run/wisp/sb1"), info);
-        assert_eq!(
-            m,
-            vec![
-                PathBuf::from("/run/wisp/sb1/shared/c1/mounts/3"),
-                PathBuf::from("/run/wisp/sb1/shared/c1/rootfs"),
-                PathBuf::from("/run/wisp/sb1/shared/with space"),
-            ]
-        );
+/// Removes a sandbox state directory: everything below should already be unmounted
+/// (`ContainerMounts`); anything still mounted is unmounted first (found in the mount
+/// table, opened without following a symlink), and the removal never follows a symlink
+/// nor enters a mount, so no file on a volume or elsewhere on the host is ever deleted
+/// through it.
+pub fn remove_state_dir(dir: &Path) {
+    unmount_below(dir);
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return };
+    let removed = crate::hostfs::Dir::open_trusted(parent).and_then(|p| p.remove_tree(Path::new(name)));
+    if let Err(e) = removed {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", dir.display());
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! the task logic is tested with an in-memory sink.
 
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use containerd_shim::publisher::RemotePublisher;
 use protobuf::MessageDyn;
@@ -28,5 +29,15 @@ impl EventSink for RemoteEvents {
         if let Err(e) = p.publish(ctx, topic, &self.namespace, event) {
             log::warn!("publishing {topic}: {e}");
         }
+    }
+}
+
+/// A time as the task API's timestamp.
+pub fn timestamp(t: SystemTime) -> protobuf::well_known_types::timestamp::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    protobuf::well_known_types::timestamp::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
     }
 }

@@ -340,17 +340,34 @@ fn list(dir: &Dir) -> io::Result<Vec<CString>> {
 /// honoured as setuid or as a device on the host.
 pub const GUARD: u64 = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
 
+/// Mount attributes of a bind: `tree` on every mount of the bound tree (`GUARD`, plus
+/// `MOUNT_ATTR_RDONLY` for a recursively read-only bind, so no submount stays writable or
+/// setuid), `top` on its top mount alone (`MOUNT_ATTR_RDONLY` for a plain read-only bind,
+/// whose submounts keep their own, as with runc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindAttrs {
+    pub tree: u64,
+    pub top: u64,
+}
+
+impl BindAttrs {
+    /// `attrs` on every mount of the tree.
+    pub const fn all(attrs: u64) -> Self {
+        Self { tree: attrs, top: 0 }
+    }
+}
+
 /// Bind-mounts `source` (a host path from the container spec, which may itself hold
-/// mounts: with `recursive` they come along) onto `target`, with `attrs` (`GUARD`, plus
-/// `MOUNT_ATTR_RDONLY` for a read-only bind) applied to the whole tree before it is
-/// attached, so no submount stays writable or setuid. Returns the new mount's id.
-pub fn bind(source: &Path, target: BorrowedFd<'_>, attrs: u64, recursive: bool) -> io::Result<u64> {
+/// mounts: with `recursive` they come along) onto `target`, with `attrs` applied before
+/// the tree is attached (no moment where it is writable or setuid). Returns the new
+/// mount's id.
+pub fn bind(source: &Path, target: BorrowedFd<'_>, attrs: BindAttrs, recursive: bool) -> io::Result<u64> {
     let c = cstr(source)?;
     attach_clone(libc::AT_FDCWD, &c, 0, target, attrs, recursive).map_err(|e| at("bind-mounting", source, e))
 }
 
 /// Like `bind`, with the source given as an open directory.
-pub fn bind_fd(source: BorrowedFd<'_>, target: BorrowedFd<'_>, attrs: u64, recursive: bool) -> io::Result<u64> {
+pub fn bind_fd(source: BorrowedFd<'_>, target: BorrowedFd<'_>, attrs: BindAttrs, recursive: bool) -> io::Result<u64> {
     attach_clone(source.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint, target, attrs, recursive)
 }
 
@@ -360,7 +377,7 @@ fn attach_clone(
     path: &CStr,
     extra: libc::c_uint,
     target: BorrowedFd<'_>,
-    attrs: u64,
+    attrs: BindAttrs,
     recursive: bool,
 ) -> io::Result<u64> {
     let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | extra;
@@ -372,8 +389,12 @@ fn attach_clone(
         .map_err(|e| io::Error::new(e.kind(), format!("cloning the mount tree: {e}")))?;
     // SAFETY: the kernel just returned this fd.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
-    set_attrs(tree.as_fd(), attrs, true)
+    set_attrs(tree.as_fd(), attrs.tree, true)
         .map_err(|e| io::Error::new(e.kind(), format!("setting its mount flags: {e}")))?;
+    if attrs.top != 0 {
+        set_attrs(tree.as_fd(), attrs.top, false)
+            .map_err(|e| io::Error::new(e.kind(), format!("setting its top mount's flags: {e}")))?;
+    }
     let id = mount_id(tree.as_fd())?;
     // SAFETY: move_mount with two valid fds and empty paths.
     cvt(unsafe {
@@ -452,8 +473,11 @@ pub fn unmount(dir: &Dir, rel: &Path, id: Option<u64>) -> io::Result<()> {
     let p = fd_path(fd.as_fd());
     match nix::mount::umount2(&p, nix::mount::MntFlags::empty()) {
         Ok(()) => Ok(()),
+        // Expected when a container is deleted while its pod runs: the VMM's virtio-fs
+        // still holds the inodes the guest has not forgotten yet. The detached mount goes
+        // when those are released (at the latest with the VMM).
         Err(nix::errno::Errno::EBUSY) => {
-            log::warn!("unmounting {}: busy; detaching it lazily", dir.path.join(rel).display());
+            log::info!("unmounting {}: busy; detaching it lazily", dir.path.join(rel).display());
             nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH)
                 .map_err(|e| at("detaching", &dir.path.join(rel), e.into()))
         }
@@ -605,9 +629,8 @@ mod tests {
         )
         .unwrap();
         std::fs::create_dir(t.path().join("v")).unwrap();
-        let id =
-            bind(src.path(), d.open_target(Path::new("v")).unwrap().as_fd(), GUARD | libc::MOUNT_ATTR_RDONLY, true)
-                .unwrap();
+        let attrs = BindAttrs::all(GUARD | libc::MOUNT_ATTR_RDONLY);
+        let id = bind(src.path(), d.open_target(Path::new("v")).unwrap().as_fd(), attrs, true).unwrap();
         let denied = |p: PathBuf| std::fs::write(&p, b"x").unwrap_err().raw_os_error();
         assert_eq!(denied(t.path().join("v/f")), Some(libc::EROFS));
         assert_eq!(

@@ -1,17 +1,18 @@
-//! One pod's micro-VM and everything the shim tracks for it: the VMM process, the agent
-//! connection, the shared directory and the containers. The task service is a thin
-//! layer over these operations.
+//! One pod's tasks: containerd's task semantics over the pod's guest (`pod.rs`), with
+//! the process state machine of `container.rs`. The task service (`service.rs`) is a
+//! thin layer over these operations; the VM itself is behind `GuestPod` (`vmpod.rs`).
 //!
-//! Failure rules: every step of Create that fails undoes the steps before it (mounts,
-//! the container in the guest, and the VM itself if this container started it); a VM
-//! that dies turns every live process into an exit with status 255, so no Wait hangs;
-//! the last container's Delete tears the VM down and removes `/run/wisp/<id>/`.
+//! Rules: the first container's Create boots the pod's VM; a Create that fails leaves
+//! nothing (its mounts are dropped, the container is removed from the guest, and the VM
+//! is shut down if no other container uses it); a VM that ends turns every live process
+//! into an exit with status 255, so no Wait hangs; a start that fails ends its process
+//! with 126, waking its waiters; the last container's Delete shuts the VM down and lets
+//! the shim exit.
 
 use std::collections::HashMap;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use containerd_shim_protos::api::Mount;
 use containerd_shim_protos::events::task::{
@@ -19,113 +20,33 @@ use containerd_shim_protos::events::task::{
     TaskStart,
 };
 use containerd_shim_protos::topics;
-use wisp_config::Config;
-use wisp_protocols::agent;
+use wisp_protocols::agent::StatsContainerResponse;
 
-use crate::agent::{call_error, task_error, Agent};
-use crate::container::{Action, Container, Exit, Process, Status};
-use crate::events::EventSink;
-use crate::hooks::{Hooks, PodHooks};
-use crate::io::{ProcessIo, StdioPaths};
-use crate::mounts::ContainerMounts;
-use crate::network::{self, PodNetwork};
-use crate::share::Share;
-use crate::spec::{BundleSpec, GUEST_SHARED_DIR};
-use crate::vm::{SandboxPaths, VmmProcess};
+use crate::container::{Action, Container, Exit, Operation, Process, Refusal, Status};
+use crate::events::{timestamp, EventSink};
+use crate::io::StdioPaths;
+use crate::pod::{Boot, GuestPod, NewContainer, PodEngine, ProcessStdio, TaskError};
+use crate::spec::BundleSpec;
 
 /// Exit status reported for processes whose VM died under them.
 pub const VM_GONE_STATUS: u32 = 255;
-/// The virtio-fs tag of the shared directory.
-pub const SHARED_FS_TAG: &str = "wisp";
-/// How long output may take to drain after a process exits before TaskExit is sent.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(30);
-
-#[derive(Debug, thiserror::Error)]
-pub enum TaskError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-fn internal(e: impl std::fmt::Display) -> TaskError {
-    TaskError::Internal(e.to_string())
-}
-
-/// A running VM with its agent.
-struct Guest {
-    vm: Arc<VmmProcess>,
-    agent: Arc<Agent>,
-    paths: SandboxPaths,
-    grace: Duration,
-    /// The taps and tc plumbing in the pod's network namespace, if it has one.
-    net: Option<PodNetwork>,
-    /// The spec's host-side hooks (`poststop` to run) and the network namespace the
-    /// shim made for them, if any.
-    hooks: Option<PodHooks>,
-    /// The share's skeleton and the guest's read-only view of it.
-    share: Arc<Share>,
-}
-
 /// The exit status of a process that could not be started (or was deleted before it
 /// ran); like a shell's "cannot execute".
 pub const START_FAILED_STATUS: u32 = 126;
-
-/// How much of the guest console an unexpected VM end copies into the shim's log.
-const CONSOLE_TAIL_LINES: usize = 40;
-/// Of which at most this many bytes (read from the file's end).
-const CONSOLE_TAIL_BYTES: u64 = 16 << 10;
+/// How long output may take to drain after a process exits before TaskExit is sent.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(30);
 /// OOM events passed on per second, and in a burst.
 const OOM_EVENTS_PER_SEC: u32 = 10;
 const OOM_EVENTS_BURST: u32 = 20;
 
-/// What `boot` has set up so far. Dropped before `finish`, it undoes all of it: stops
-/// the VMM, then tears the pod network down, then removes the state directory.
-struct Booting {
-    paths: SandboxPaths,
-    net: Option<PodNetwork>,
-    hooks: Option<PodHooks>,
-    vm: Option<Arc<VmmProcess>>,
-    armed: bool,
-}
-
-impl Booting {
-    /// Boot succeeded: nothing is undone; the network and hooks are the sandbox's now.
-    fn finish(mut self) -> (Option<PodNetwork>, Option<PodHooks>) {
-        self.armed = false;
-        (self.net.take(), self.hooks.take())
-    }
-}
-
-impl Drop for Booting {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(vm) = self.vm.take() {
-            vm.stop(Duration::ZERO);
-        }
-        if let Some(mut net) = self.net.take() {
-            net.teardown();
-        }
-        if let Some(h) = self.hooks.take() {
-            h.finish();
-        }
-        remove_state_dir(&self.paths.dir);
-    }
-}
-
 #[derive(Default)]
 struct State {
-    guest: Option<Guest>,
+    /// The pod's VM, from the first Create until it is shut down.
+    guest: Option<Arc<dyn GuestPod>>,
     /// Set when the VM ended on its own; the reason, for error messages.
     vm_gone: Option<String>,
+    /// Set by the call that shuts the pod down for good (`shut_down_and_exit`).
+    shutting_down: bool,
     containers: HashMap<String, Container>,
 }
 
@@ -134,7 +55,10 @@ pub struct Sandbox {
     /// containerd's namespace of the shim's tasks (for `binary://` logging programs).
     namespace: String,
     events: Arc<dyn EventSink>,
+    engine: Arc<dyn PodEngine>,
     state: Mutex<State>,
+    /// Held while the VM boots, so concurrent first Creates boot it once.
+    booting: Mutex<()>,
     me: Weak<Sandbox>,
     /// Signalled when the shim may exit (no containers left, Shutdown called).
     pub done: Arc<crate::container::ExitCell>,
@@ -149,18 +73,43 @@ pub struct CreateRequest {
     pub config_path: Option<PathBuf>,
 }
 
+fn who(cid: &str, eid: &str) -> String {
+    if eid.is_empty() {
+        format!("container {cid}")
+    } else {
+        format!("exec {eid} of {cid}")
+    }
+}
+
+/// A call refused by the state machine, in containerd's classes.
+fn refused(cid: &str, eid: &str, op: Operation, r: Refusal) -> TaskError {
+    let msg = format!("cannot {} {}: {r}", format!("{op:?}").to_lowercase(), who(cid, eid));
+    match r {
+        Refusal::Finished => TaskError::NotFound(msg),
+        Refusal::Wrong(_) => TaskError::FailedPrecondition(msg),
+    }
+}
+
+fn process_mut<'a>(st: &'a mut State, cid: &str, eid: &str) -> Result<&'a mut Process, TaskError> {
+    let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
+    c.process_mut(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of container {cid} not found")))
+}
+
 impl Sandbox {
     pub fn new(
         id: &str,
         namespace: &str,
         events: Arc<dyn EventSink>,
         done: Arc<crate::container::ExitCell>,
+        engine: Arc<dyn PodEngine>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             id: id.into(),
             namespace: namespace.into(),
             events,
+            engine,
             state: Mutex::new(State::default()),
+            booting: Mutex::new(()),
             me: me.clone(),
             done,
         })
@@ -170,129 +119,79 @@ impl Sandbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn agent(&self) -> Result<Arc<Agent>, TaskError> {
+    fn guest(&self) -> Result<Arc<dyn GuestPod>, TaskError> {
         let st = self.lock();
         match (&st.guest, &st.vm_gone) {
             (_, Some(why)) => Err(TaskError::FailedPrecondition(format!("the pod's VM is gone: {why}"))),
-            (Some(g), None) => Ok(g.agent.clone()),
+            (Some(g), None) => Ok(g.clone()),
             (None, None) => Err(TaskError::FailedPrecondition("the pod's VM is not running".into())),
         }
     }
 
+    /// Runs `f` on the process if `op` is allowed in its status; returns what `f` returns.
+    fn checked<T>(
+        &self,
+        cid: &str,
+        eid: &str,
+        op: Operation,
+        f: impl FnOnce(&mut Process) -> Result<T, TaskError>,
+    ) -> Result<T, TaskError> {
+        let mut st = self.lock();
+        let p = process_mut(&mut st, cid, eid)?;
+        p.status.allows(op).map_err(|r| refused(cid, eid, op, r))?;
+        f(p)
+    }
+
     // ---- the VM ----
 
-    fn boot(&self, config: Config, spec: &BundleSpec, bundle: &Path) -> Result<(), TaskError> {
-        let mut netns = network::netns_path(&spec.json).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let hooks = Hooks::from_spec(&spec.json).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let paths = SandboxPaths::new(&config.runtime.state_dir, &self.id);
-        if paths.dir.exists() {
-            return Err(TaskError::AlreadyExists(format!(
-                "{} exists: another wisp sandbox with id {} is running or was not cleaned up",
-                paths.dir.display(),
-                self.id
-            )));
-        }
-        // The state root and the sandbox's directory are root's alone (0700): below
-        // them are the guest's files, setuid ones included, and the pod's volumes.
-        if let Some(root) = paths.dir.parent() {
-            crate::hostfs::create_dir_all_mode(root, 0o700).map_err(internal)?;
-        }
-        std::fs::DirBuilder::new().mode(0o700).create(&paths.dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                TaskError::AlreadyExists(format!(
-                    "{} exists: another wisp sandbox with id {} is running",
-                    paths.dir.display(),
-                    self.id
-                ))
-            } else {
-                internal(format!("creating {}: {e}", paths.dir.display()))
+    /// The pod's VM, booted for `req` if this is the pod's first container; true when
+    /// this call booted it.
+    fn guest_for(&self, req: &CreateRequest, spec: &BundleSpec) -> Result<(Arc<dyn GuestPod>, bool), TaskError> {
+        let _boot = self.booting.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let st = self.lock();
+            if let Some(why) = &st.vm_gone {
+                return Err(TaskError::FailedPrecondition(format!("the pod's VM is gone: {why}")));
             }
-        })?;
-        // From here on, dropping `b` undoes everything done so far.
-        let mut b = Booting { paths: paths.clone(), net: None, hooks: None, vm: None, armed: true };
-        let share = Arc::new(Share::create(&paths.dir).map_err(|e| internal(format!("setting up the share: {e}")))?);
-        if !hooks.is_empty() {
-            // A fresh network namespace is made here only for hooks to set up (nerdctl's
-            // CNI); without hooks such a pod has loopback only, as before.
-            let netns_at = netns.is_none().then(|| paths.dir.join("netns"));
-            let h = PodHooks::start(hooks, &self.id, bundle, &spec.json, netns_at.as_deref())
-                .map_err(|e| internal(format!("running the spec's hooks: {e}")))?;
-            if let Some(ns) = h.netns() {
-                netns = Some(ns.to_path_buf());
+            if let Some(g) = &st.guest {
+                if !spec.hooks.is_empty() {
+                    log::warn!(
+                        "container {}: the hooks in its spec are not run: wisp runs a pod's host-side hooks \
+                         (createRuntime, poststop) for its sandbox container only",
+                        req.id
+                    );
+                }
+                return Ok((g.clone(), false));
             }
-            b.hooks = Some(h);
         }
-        if let Some(netns) = &netns {
-            b.net = Some(PodNetwork::setup(netns).map_err(|e| internal(format!("setting up the pod network: {e}")))?);
-        }
+        let config = crate::options::sandbox_config(req.config_path.clone(), &spec.annotations)
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        config.check_host_files().map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
         let me = self.me.clone();
         let on_exit = Box::new(move |why| {
             if let Some(sb) = me.upgrade() {
                 sb.vm_ended(why);
             }
         });
-        let devices = b.net.as_ref().map(PodNetwork::vmm_devices).unwrap_or_default();
-        if !config.hypervisor.seccomp {
-            log::warn!(
-                "sandbox {}: hypervisor.seccomp is off: wisp-vmm's threads have no seccomp filter (for debugging only)",
-                self.id
-            );
-        }
-        if !config.hypervisor.jail {
-            log::warn!(
-                "sandbox {}: hypervisor.jail is off: wisp-vmm runs unconfined, as root in the host's namespaces \
-                 (for debugging only)",
-                self.id
-            );
-        }
-        let cgroups_path = spec.json.pointer("/linux/cgroupsPath").and_then(serde_json::Value::as_str);
-        let vm = Arc::new(VmmProcess::start(&config, &paths, &devices, cgroups_path, on_exit).map_err(internal)?);
-        drop(devices);
-        b.vm = Some(vm.clone());
-        let a = &config.agent;
-        let vm_gone = || vm.exited();
-        let agent =
-            Agent::connect(&paths.vsock(), a.dial_attempt_timeout(), a.dial_timeout(), a.rpc_timeout(), &vm_gone);
-        let agent = Arc::new(agent.map_err(|e| {
-            if let Some(tail) = console_tail(&paths) {
-                log::warn!("sandbox {}: the agent never answered; last guest console lines:\n{tail}", self.id);
-            }
-            internal(format!("starting the pod's VM: {e}"))
-        })?);
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let req = agent::CreateSandboxRequest {
-            sandbox_id: self.id.clone(),
-            hostname: spec.hostname(),
-            shared_fs_tag: SHARED_FS_TAG.into(),
-            shared_fs_mount_point: GUEST_SHARED_DIR.into(),
-            guest_time_unix_sec: now.as_secs() as i64,
-            guest_time_nsec: now.subsec_nanos(),
-            ..Default::default()
-        };
-        agent.client.create_sandbox(agent.ctx(), &req).map_err(|e| task_error("CreateSandbox", e))?;
-        if let Some(net) = &b.net {
-            configure_guest_network(&agent, net)?;
-        }
-        let (net, hooks) = b.finish();
-        let grace = config.runtime.shutdown_grace();
-        self.lock().guest = Some(Guest { vm, agent: agent.clone(), paths, grace, net, hooks, share });
-        self.watch_oom(agent);
-        Ok(())
+        let boot = Boot { sandbox_id: &self.id, namespace: &self.namespace, config, spec, bundle: &req.bundle };
+        let guest = self.engine.boot(boot, on_exit)?;
+        self.lock().guest = Some(guest.clone());
+        self.watch_oom(guest.clone());
+        Ok((guest, true))
     }
 
     /// Passes the guest's OOM events on to containerd: only for this sandbox's own
     /// containers, and at most `OOM_EVENTS_PER_SEC` (burst `OOM_EVENTS_BURST`), so a
     /// hostile agent cannot flood containerd with events or name other pods' containers.
-    fn watch_oom(&self, agent: Arc<Agent>) {
+    fn watch_oom(&self, guest: Arc<dyn GuestPod>) {
         let me = self.me.clone();
         std::thread::spawn(move || {
             let mut limit = crate::bounds::RateLimit::new(OOM_EVENTS_PER_SEC, OOM_EVENTS_BURST);
-            loop {
-                let Ok(ev) = agent.client.get_oom_event(agent.long_poll_ctx(), &agent::Empty::new()) else { return };
+            while let Some(cid) = guest.next_oom_event() {
                 let Some(sb) = me.upgrade() else { return };
-                let known = sb.lock().containers.contains_key(&ev.container_id);
+                let known = sb.lock().containers.contains_key(&cid);
                 if !known {
-                    let id = crate::bounds::guest_text(&ev.container_id, 128, false);
+                    let id = crate::bounds::guest_text(&cid, 128, false);
                     log::warn!(
                         "sandbox {}: the guest reported an OOM kill in {id:?}, not a container of this pod: ignored",
                         sb.id
@@ -305,38 +204,33 @@ impl Sandbox {
                     }
                     continue;
                 }
-                log::info!("OOM kill in container {}", ev.container_id);
+                log::info!("OOM kill in container {cid}");
                 sb.events.publish(
                     topics::TASK_OOM_EVENT_TOPIC,
-                    Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }),
+                    Box::new(TaskOOM { container_id: cid, ..Default::default() }),
                 );
             }
         });
     }
 
-    /// The VMM process ended: every live process exits with VM_GONE_STATUS.
+    /// The VM ended by itself: every live process exits with VM_GONE_STATUS. A container
+    /// still being created is left to its Create, which fails (or finds the VM gone).
     fn vm_ended(&self, why: String) {
         let mut st = self.lock();
         if st.guest.is_none() {
             return;
         }
-        log::warn!("sandbox {}: the VM ended: {why}", self.id);
-        // With `debug` on, the guest's last console lines say why (panic, reset), and
-        // the state directory holding them goes with the sandbox: keep them in the log.
-        if let Some(tail) = st.guest.as_ref().and_then(|g| console_tail(&g.paths)) {
-            log::warn!("sandbox {}: last guest console lines:\n{tail}", self.id);
-        }
         st.vm_gone = Some(why);
         let mut exits = Vec::new();
         for c in st.containers.values_mut() {
-            let procs = std::iter::once(&mut c.init).chain(c.execs.values_mut());
-            for p in procs {
-                if p.status != Status::Stopped {
-                    let _ = p.apply(Action::Exit);
-                    let e = p.exit.set(Exit::now(VM_GONE_STATUS));
-                    if p.guest_pid != 0 {
-                        exits.push((c.id.clone(), p.exec_id.clone(), e));
-                    }
+            for p in std::iter::once(&mut c.init).chain(c.execs.values_mut()) {
+                if p.status == Status::Creating {
+                    continue;
+                }
+                // A process that never started (guest pid 0) gets no TaskExit: only
+                // its waiters learn the status.
+                if let Some(e) = p.end(VM_GONE_STATUS).filter(|_| p.guest_pid != 0) {
+                    exits.push((c.id.clone(), p.exec_id.clone(), e));
                 }
             }
         }
@@ -346,36 +240,32 @@ impl Sandbox {
         }
     }
 
-    /// Asks the agent to end the guest, stops the VMM, removes the state directory.
+    /// Shuts the VM down (if any) and forgets it.
     fn teardown(&self) {
-        let (guest, tail_logged) = {
+        let guest = self.lock().guest.take();
+        if let Some(g) = guest {
+            g.shutdown();
+        }
+    }
+
+    /// Shuts the VM down, then lets the shim exit. The first call does both; a call made
+    /// while it is at work returns at once and leaves the exit to it. The shim must not
+    /// exit early: once `done` is set its ttrpc server reads no more requests but cannot
+    /// close a connection while a call on it (the teardown) still runs, so containerd's
+    /// next call gets no answer; containerd 2.4 fails RemovePodSandbox when the Shutdown
+    /// it sends after its Delete is not answered within 3 s.
+    fn shut_down_and_exit(&self) {
+        let guest = {
             let mut st = self.lock();
-            (st.guest.take(), st.vm_gone.is_some())
+            if std::mem::replace(&mut st.shutting_down, true) {
+                return;
+            }
+            st.guest.take()
         };
         if let Some(g) = guest {
-            // A VMM that is already gone, or an agent that no longer answers, means the
-            // guest ended by itself (panic, reset): its console says why (`vm_ended`
-            // logged it if it came first).
-            let unexpected =
-                g.vm.exited().is_some() || g.agent.client.destroy_sandbox(g.agent.ctx(), &agent::Empty::new()).is_err();
-            g.vm.stop(g.grace);
-            if unexpected && !tail_logged {
-                if let Some(tail) = console_tail(&g.paths) {
-                    log::warn!("sandbox {}: the guest ended on its own; last guest console lines:\n{tail}", self.id);
-                }
-            }
-            // After the VMM, which holds the taps, is gone.
-            if let Some(mut net) = g.net {
-                net.teardown();
-            }
-            // poststop (CNI DEL for nerdctl) after our plumbing left the namespace.
-            if let Some(h) = g.hooks {
-                h.finish();
-            }
-            // Our fds on the share go first, so its view unmounts without a lazy detach.
-            drop(g.share);
-            remove_state_dir(&g.paths.dir);
+            g.shutdown();
         }
+        self.done.set(Exit::now(0));
     }
 
     // ---- containers ----
@@ -388,68 +278,74 @@ impl Sandbox {
             return Err(TaskError::AlreadyExists(format!("container {} already exists", req.id)));
         }
         let spec = BundleSpec::load(&req.bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        crate::mounts::check_bind_sources(&spec.shared_binds())
+        crate::mounts::check_bind_sources(&spec.binds)
             .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let first = self.lock().guest.is_none();
-        if first {
-            let config = crate::options::sandbox_config(req.config_path.clone(), &spec.annotations())
-                .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-            config.check_host_files().map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
-            self.boot(config, &spec, Path::new(&req.bundle))?;
-        } else if Hooks::from_spec(&spec.json).is_ok_and(|h| !h.is_empty()) {
-            log::warn!(
-                "container {}: the hooks in its spec are not run: wisp runs a pod's host-side hooks \
-                 (createRuntime, poststop) for its sandbox container only",
-                req.id
-            );
+        // The id is taken from here on: a concurrent Create of it is refused.
+        {
+            let mut st = self.lock();
+            if st.containers.contains_key(&req.id) {
+                return Err(TaskError::AlreadyExists(format!("container {} already exists", req.id)));
+            }
+            let slot = Container {
+                id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                init: Process::creating(req.stdio.clone()),
+                execs: HashMap::new(),
+                mounts: None,
+            };
+            st.containers.insert(req.id.clone(), slot);
         }
-        let result = self.create_in_guest(&req, &spec);
-        if result.is_err() && first {
-            self.teardown();
+        let mut booted = false;
+        let result = self.create_in_slot(&req, &spec, &mut booted);
+        if result.is_err() {
+            let left = {
+                let mut st = self.lock();
+                if let Some(mut slot) = st.containers.remove(&req.id) {
+                    // Anyone already waiting on it wakes up.
+                    slot.init.end(START_FAILED_STATUS);
+                }
+                st.containers.is_empty()
+            };
+            if booted && left {
+                self.teardown();
+            }
         }
         result
     }
 
-    fn create_in_guest(&self, req: &CreateRequest, spec: &BundleSpec) -> Result<(), TaskError> {
-        let agent = self.agent()?;
-        let (share, vsock) = {
-            let st = self.lock();
-            let g = st.guest.as_ref().ok_or_else(|| TaskError::FailedPrecondition("no VM".into()))?;
-            (g.share.clone(), g.paths.vsock())
-        };
-        let mut mounts = ContainerMounts::new(share, &req.id);
-        mounts.mount_rootfs(&req.rootfs, &spec.root_path(&req.bundle)).map_err(internal)?;
-        mounts.mount_binds(&spec.shared_binds()).map_err(internal)?;
-
-        let guest_spec = serde_json::to_vec(&spec.for_guest(&req.id)).map_err(internal)?;
-        let creq = agent::CreateContainerRequest {
-            container_id: req.id.clone(),
-            oci_spec_json: guest_spec,
-            stdio: protobuf::MessageField::some(req.stdio.spec()),
-            sandbox_container: spec.is_sandbox_container(),
-            ..Default::default()
-        };
-        agent
-            .client
-            .create_container(agent.ctx(), &creq)
-            .map_err(|e| task_error("CreateContainer", e))?;
-        let io = match ProcessIo::attach(&vsock, &req.id, "", &req.stdio, &self.namespace) {
+    /// Create's work once the id is taken: the VM, the mounts, the container in the
+    /// guest, its stdio. Each step's failure drops what the steps before it made.
+    fn create_in_slot(&self, req: &CreateRequest, spec: &BundleSpec, booted: &mut bool) -> Result<(), TaskError> {
+        let (guest, first) = self.guest_for(req, spec)?;
+        *booted = first;
+        let new =
+            NewContainer { id: &req.id, spec, bundle: &req.bundle, rootfs: &req.rootfs, stdio: &req.stdio };
+        let (mounts, guest_spec) = guest.mount_container(&new)?;
+        guest.create_container(&new, guest_spec)?;
+        let io = match guest.attach_stdio(&req.id, "", &req.stdio) {
             Ok(io) => io,
             Err(e) => {
-                let rm = agent::RemoveContainerRequest {
-                    container_id: req.id.clone(),
-                    timeout_ms: 5000,
-                    ..Default::default()
-                };
-                let _ = agent.client.remove_container(agent.ctx(), &rm);
-                return Err(internal(e));
+                if let Err(rm) = guest.remove_container(&req.id) {
+                    log::warn!("container {}: removing it from the guest after a failed create: {rm}", req.id);
+                }
+                return Err(e);
             }
         };
-        let mut init = Process::new("", req.stdio.clone(), Vec::new());
-        init.io = Some(Arc::new(Mutex::new(io)));
-        let container =
-            Container { id: req.id.clone(), bundle: req.bundle.clone(), init, execs: HashMap::new(), mounts };
-        self.lock().containers.insert(req.id.clone(), container);
+        {
+            let mut st = self.lock();
+            if let Some(why) = st.vm_gone.clone() {
+                return Err(TaskError::FailedPrecondition(format!(
+                    "the pod's VM ended while container {} was being created: {why}",
+                    req.id
+                )));
+            }
+            let c = st.containers.get_mut(&req.id).ok_or_else(|| {
+                TaskError::FailedPrecondition(format!("the pod shut down while container {} was being created", req.id))
+            })?;
+            c.init.apply(Action::Created).map_err(|t| TaskError::FailedPrecondition(t.to_string()))?;
+            c.init.io = Some(Arc::new(Mutex::new(io)));
+            c.mounts = Some(mounts);
+        }
         self.events.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -470,43 +366,38 @@ impl Sandbox {
         Ok(())
     }
 
-    fn with_process<T>(
-        &self,
-        cid: &str,
-        eid: &str,
-        f: impl FnOnce(&mut Process) -> Result<T, TaskError>,
-    ) -> Result<T, TaskError> {
-        let mut st = self.lock();
-        let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
-        let p = c
-            .process_mut(eid)
-            .ok_or_else(|| TaskError::NotFound(format!("exec {eid} of container {cid} not found")))?;
-        f(p)
-    }
-
     /// Starts a container's init process or an exec; returns the pid reported to containerd.
     pub fn start(&self, cid: &str, eid: &str) -> Result<u32, TaskError> {
-        let (status, stdio, spec) = self.with_process(cid, eid, |p| Ok((p.status, p.stdio.clone(), p.spec.clone())))?;
-        let agent = self.agent()?;
-        if status != Status::Created {
-            return Err(TaskError::FailedPrecondition(format!("{cid}/{eid} is {status:?}, not created")));
-        }
-        let started = self.start_in_guest(&agent, cid, eid, stdio, spec);
-        if started.is_err() {
-            // The process will never run: it is stopped, and whoever waits for it (a
-            // Wait call holds a ttrpc worker) must wake up now, not never.
-            let _ = self.with_process(cid, eid, |p| {
-                let _ = p.apply(Action::Exit);
-                p.exit.set(Exit::now(START_FAILED_STATUS));
-                Ok(())
-            });
-        }
-        let guest_pid = started?;
-        self.with_process(cid, eid, |p| {
-            p.guest_pid = guest_pid;
-            p.apply(Action::Start).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
+        self.checked(cid, eid, Operation::Start, |_| Ok(()))?;
+        let guest = self.guest()?;
+        let (stdio, spec) = self.checked(cid, eid, Operation::Start, |p| {
+            p.apply(Action::Start).map_err(|t| TaskError::FailedPrecondition(t.to_string()))?;
+            Ok((p.stdio.clone(), p.spec.clone()))
         })?;
-        self.spawn_waiter(agent, cid, eid);
+        let started = self.start_in_guest(guest.as_ref(), cid, eid, &stdio, &spec);
+        {
+            let mut st = self.lock();
+            let p = process_mut(&mut st, cid, eid)?;
+            match started {
+                Err(e) => {
+                    // The process will never run: it is stopped, and whoever waits for
+                    // it (a Wait call holds a ttrpc worker) wakes up now, not never.
+                    p.end(START_FAILED_STATUS);
+                    return Err(e);
+                }
+                Ok((guest_pid, io)) => {
+                    p.guest_pid = guest_pid;
+                    if io.is_some() {
+                        p.io = io.map(|io| Arc::new(Mutex::new(io)));
+                    }
+                    // Only an end can have moved it from Starting: its VM ended meanwhile.
+                    p.apply(Action::Started).map_err(|t| {
+                        TaskError::FailedPrecondition(format!("{}: {t} (the pod's VM ended)", who(cid, eid)))
+                    })?;
+                }
+            }
+        }
+        self.spawn_waiter(guest, cid, eid);
         let pid = std::process::id();
         if eid.is_empty() {
             self.events.publish(
@@ -522,58 +413,42 @@ impl Sandbox {
         Ok(pid)
     }
 
-    /// Starts the container's init or an exec in the guest; returns the guest pid.
+    /// Starts the container's init or an exec in the guest; returns the guest pid, and
+    /// for an exec its stdio.
     fn start_in_guest(
         &self,
-        agent: &Agent,
+        guest: &dyn GuestPod,
         cid: &str,
         eid: &str,
-        stdio: StdioPaths,
-        spec: Vec<u8>,
-    ) -> Result<u32, TaskError> {
-        let guest_pid = if eid.is_empty() {
-            let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
-            agent.client.start_container(agent.ctx(), &req).map_err(|e| task_error("StartContainer", e))?.pid
-        } else {
-            let req = agent::ExecProcessRequest {
-                container_id: cid.into(),
-                exec_id: eid.into(),
-                process_json: spec,
-                stdio: protobuf::MessageField::some(stdio.spec()),
-                ..Default::default()
-            };
-            let pid = agent
-                .client
-                .exec_process(agent.ctx(), &req)
-                .map_err(|e| task_error("ExecProcess", e))?
-                .pid;
-            let vsock = self.lock().guest.as_ref().map(|g| g.paths.vsock()).unwrap_or_default();
-            let io = ProcessIo::attach(&vsock, cid, eid, &stdio, &self.namespace).map_err(internal)?;
-            self.with_process(cid, eid, |p| {
-                p.io = Some(Arc::new(Mutex::new(io)));
-                Ok(())
-            })?;
-            pid
-        };
-        Ok(guest_pid)
+        stdio: &StdioPaths,
+        spec: &[u8],
+    ) -> Result<(u32, Option<Box<dyn ProcessStdio>>), TaskError> {
+        if eid.is_empty() {
+            return Ok((guest.start_container(cid)?, None));
+        }
+        let pid = guest.exec_process(cid, eid, spec, stdio)?;
+        match guest.attach_stdio(cid, eid, stdio) {
+            Ok(io) => Ok((pid, Some(io))),
+            Err(e) => {
+                // Without its stdio the exec is not what containerd asked for: end it.
+                if let Err(k) = guest.signal_process(cid, eid, libc::SIGKILL as u32, false) {
+                    log::warn!("{}: killing it after its stdio failed: {k}", who(cid, eid));
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Long-polls the agent for the process's exit, drains its output, then records the
-    /// exit and publishes TaskExit. A broken connection (VM gone) counts as 255.
-    fn spawn_waiter(&self, agent: Arc<Agent>, cid: &str, eid: &str) {
+    /// Long-polls the guest for the process's exit, drains its output, then records the
+    /// exit and publishes TaskExit. A guest gone counts as 255.
+    fn spawn_waiter(&self, guest: Arc<dyn GuestPod>, cid: &str, eid: &str) {
         let me = self.me.clone();
         let (cid, eid) = (cid.to_string(), eid.to_string());
         std::thread::spawn(move || {
-            let req = agent::ProcessRequest { container_id: cid.clone(), exec_id: eid.clone(), ..Default::default() };
-            let status = match agent.client.wait_process(agent.long_poll_ctx(), &req) {
-                Ok(r) => r.exit_status as u32,
-                Err(e) => {
-                    log::warn!("waiting for {cid}/{eid}: {}", call_error("WaitProcess", e));
-                    VM_GONE_STATUS
-                }
-            };
+            let status = guest.wait_process(&cid, &eid).unwrap_or(VM_GONE_STATUS);
+            drop(guest);
             let Some(sb) = me.upgrade() else { return };
-            let io = sb.with_process(&cid, &eid, |p| Ok(p.io.clone())).ok().flatten();
+            let io = process_mut(&mut sb.lock(), &cid, &eid).ok().and_then(|p| p.io.clone());
             if let Some(io) = io {
                 let drained = io.lock().unwrap_or_else(|e| e.into_inner()).wait_output(OUTPUT_DRAIN);
                 if !drained {
@@ -582,15 +457,8 @@ impl Sandbox {
                     );
                 }
             }
-            let exit = sb.with_process(&cid, &eid, |p| {
-                if p.status == Status::Stopped {
-                    return Ok(None);
-                }
-                let _ = p.apply(Action::Exit);
-                let e = p.exit.set(Exit::now(status));
-                Ok(Some(e))
-            });
-            if let Ok(Some(e)) = exit {
+            let exit = process_mut(&mut sb.lock(), &cid, &eid).ok().and_then(|p| p.end(status));
+            if let Some(e) = exit {
                 sb.publish_exit(&cid, &eid, e);
             }
         });
@@ -619,12 +487,7 @@ impl Sandbox {
             let mut st = self.lock();
             let c =
                 st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
-            if c.init.status != Status::Running {
-                return Err(TaskError::FailedPrecondition(format!(
-                    "container {cid} is {:?}, not running",
-                    c.init.status
-                )));
-            }
+            c.init.status.allows(Operation::Exec).map_err(|r| refused(cid, "", Operation::Exec, r))?;
             if c.execs.contains_key(eid) {
                 return Err(TaskError::AlreadyExists(format!("exec {eid} already exists in {cid}")));
             }
@@ -637,41 +500,43 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Deletes an exec or a container (whose processes must have stopped). Deleting the
-    /// last container tears the VM down.
+    /// Deletes an exec or a container (whose processes must have stopped, or never
+    /// started). Deleting the last container shuts the VM down.
     pub fn delete(&self, cid: &str, eid: &str) -> Result<(u32, Exit), TaskError> {
         if !eid.is_empty() {
+            let mut p = {
+                let mut st = self.lock();
+                process_mut(&mut st, cid, eid)?
+                    .status
+                    .allows(Operation::Delete)
+                    .map_err(|r| refused(cid, eid, Operation::Delete, r))?;
+                let c = st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(cid.into()))?;
+                c.execs.remove(eid).ok_or_else(|| TaskError::NotFound(eid.into()))?
+            };
+            // An exec deleted without ever running ends here, waking its waiters.
+            let exit = p.end(START_FAILED_STATUS).or_else(|| p.exit.get());
+            return Ok((std::process::id(), exit.unwrap_or_else(|| Exit::now(START_FAILED_STATUS))));
+        }
+        // Out of the table first: a concurrent call on it finds nothing.
+        let mut c = {
             let mut st = self.lock();
-            let c =
-                st.containers.get_mut(cid).ok_or_else(|| TaskError::NotFound(format!("container {cid} not found")))?;
-            let p = c.execs.get(eid).ok_or_else(|| TaskError::NotFound(format!("exec {eid} of {cid} not found")))?;
-            if p.status == Status::Running || p.status == Status::Paused {
-                return Err(TaskError::FailedPrecondition(format!("exec {eid} is still running")));
-            }
-            let p = c.execs.remove(eid).ok_or_else(|| TaskError::NotFound(eid.into()))?;
-            // An exec deleted without ever running: wake anyone waiting for it.
-            let exit = p.exit.get().unwrap_or_else(|| p.exit.set(Exit::now(START_FAILED_STATUS)));
-            return Ok((std::process::id(), exit));
-        }
-        let (status, exit) = self.with_process(cid, "", |p| Ok((p.status, p.exit.get())))?;
-        if status == Status::Running || status == Status::Paused {
-            return Err(TaskError::FailedPrecondition(format!("container {cid} is still running; kill it first")));
-        }
-        if let Ok(agent) = self.agent() {
-            let req =
-                agent::RemoveContainerRequest { container_id: cid.into(), timeout_ms: 10_000, ..Default::default() };
-            if let Err(e) = agent.client.remove_container(agent.ctx(), &req) {
-                log::warn!("removing {cid} in the guest: {}", call_error("RemoveContainer", e));
+            process_mut(&mut st, cid, "")?
+                .status
+                .allows(Operation::Delete)
+                .map_err(|r| refused(cid, "", Operation::Delete, r))?;
+            st.containers.remove(cid).ok_or_else(|| TaskError::NotFound(cid.into()))?
+        };
+        if let Ok(guest) = self.guest() {
+            if let Err(e) = guest.remove_container(cid) {
+                log::warn!("removing {cid} in the guest: {e}");
             }
         }
-        let removed = self.lock().containers.remove(cid);
-        let exit = exit.unwrap_or(Exit::now(0));
-        if let Some(mut c) = removed {
-            if let Some(io) = c.init.io.take() {
-                io.lock().unwrap_or_else(|e| e.into_inner()).close_stdin();
-            }
-            c.mounts.unmount_all();
+        // A container deleted without ever running ends with 0 (as runc's shim has it).
+        let exit = c.init.end(0).or_else(|| c.init.exit.get()).unwrap_or_else(|| Exit::now(0));
+        if let Some(io) = c.init.io.take() {
+            io.lock().unwrap_or_else(|e| e.into_inner()).close_stdin();
         }
+        drop(c.mounts.take());
         self.events.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
@@ -684,48 +549,33 @@ impl Sandbox {
             }),
         );
         if self.lock().containers.is_empty() {
-            self.teardown();
-            self.done.set(Exit::now(0));
+            self.shut_down_and_exit();
         }
         Ok((std::process::id(), exit))
     }
 
     pub fn kill(&self, cid: &str, eid: &str, signal: u32, all: bool) -> Result<(), TaskError> {
-        let status = self.with_process(cid, eid, |p| Ok(p.status))?;
-        if status == Status::Stopped {
-            return Err(TaskError::NotFound(format!("process {cid}/{eid} already finished")));
-        }
-        if status == Status::Created && eid.is_empty() {
-            // Never started: nothing runs in the guest yet; it just becomes stopped.
-            let exit = self.with_process(cid, eid, |p| {
-                let _ = p.apply(Action::Exit);
-                let e = p.exit.set(Exit::now(128 + signal));
-                Ok(e)
-            })?;
+        // A container never started: nothing runs in the guest yet; it just ends.
+        let never_started = self.checked(cid, eid, Operation::Kill, |p| {
+            Ok(if eid.is_empty() && p.status == Status::Created { p.end(128 + signal) } else { None })
+        })?;
+        if let Some(exit) = never_started {
             self.publish_exit(cid, eid, exit);
             return Ok(());
         }
-        let agent = self.agent()?;
-        let req = agent::SignalProcessRequest {
-            container_id: cid.into(),
-            exec_id: eid.into(),
-            signal,
-            all,
-            ..Default::default()
-        };
-        agent.client.signal_process(agent.ctx(), &req).map_err(|e| match task_error("SignalProcess", e) {
+        let guest = self.guest()?;
+        guest.signal_process(cid, eid, signal, all).map_err(|e| match e {
             // The VM ended under the call: the process is gone with it.
             TaskError::Internal(msg) => match self.lock().vm_gone.clone() {
                 Some(why) => TaskError::NotFound(format!("process {cid}/{eid}: the VM ended ({why})")),
                 None => TaskError::Internal(msg),
             },
             other => other,
-        })?;
-        Ok(())
+        })
     }
 
     pub fn wait(&self, cid: &str, eid: &str) -> Result<Exit, TaskError> {
-        let cell = self.with_process(cid, eid, |p| Ok(p.exit.clone()))?;
+        let cell = process_mut(&mut self.lock(), cid, eid)?.exit.clone();
         Ok(cell.wait())
     }
 
@@ -737,17 +587,18 @@ impl Sandbox {
     }
 
     pub fn pause(&self, cid: &str, pause: bool) -> Result<(), TaskError> {
-        let action = if pause { Action::Pause } else { Action::Resume };
-        let status = self.with_process(cid, "", |p| Ok(p.status))?;
-        let agent = self.agent()?;
-        crate::container::transition(status, action).map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
-        let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
+        let (op, action) = if pause { (Operation::Pause, Action::Pause) } else { (Operation::Resume, Action::Resume) };
+        self.checked(cid, "", op, |_| Ok(()))?;
+        let guest = self.guest()?;
         if pause {
-            agent.client.pause_container(agent.ctx(), &req).map_err(|e| task_error("PauseContainer", e))?;
+            guest.pause_container(cid)?;
         } else {
-            agent.client.resume_container(agent.ctx(), &req).map_err(|e| task_error("ResumeContainer", e))?;
+            guest.resume_container(cid)?;
         }
-        self.with_process(cid, "", |p| p.apply(action).map_err(|e| TaskError::FailedPrecondition(e.to_string())))?;
+        // The process may have ended during the call: then the change is refused.
+        let mut st = self.lock();
+        process_mut(&mut st, cid, "")?.apply(action).map_err(|t| TaskError::FailedPrecondition(t.to_string()))?;
+        drop(st);
         if pause {
             self.events.publish(
                 topics::TASK_PAUSED_EVENT_TOPIC,
@@ -762,47 +613,30 @@ impl Sandbox {
         Ok(())
     }
 
-    pub fn pids(&self, cid: &str) -> Result<Vec<u32>, TaskError> {
-        self.with_process(cid, "", |_| Ok(()))?;
-        let agent = self.agent()?;
-        let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
-        Ok(agent.client.list_processes(agent.ctx(), &req).map_err(|e| task_error("ListProcesses", e))?.pids)
+    /// The guest, for a call that asks it about an existing process.
+    fn query(&self, cid: &str, eid: &str) -> Result<Arc<dyn GuestPod>, TaskError> {
+        self.checked(cid, eid, Operation::Query, |_| Ok(()))?;
+        self.guest()
     }
 
-    pub fn stats(&self, cid: &str) -> Result<agent::StatsContainerResponse, TaskError> {
-        self.with_process(cid, "", |_| Ok(()))?;
-        let agent = self.agent()?;
-        let req = agent::ContainerRequest { container_id: cid.into(), ..Default::default() };
-        agent.client.stats_container(agent.ctx(), &req).map_err(|e| task_error("StatsContainer", e))
+    pub fn pids(&self, cid: &str) -> Result<Vec<u32>, TaskError> {
+        self.query(cid, "")?.list_processes(cid)
+    }
+
+    pub fn stats(&self, cid: &str) -> Result<StatsContainerResponse, TaskError> {
+        self.query(cid, "")?.stats_container(cid)
     }
 
     pub fn update(&self, cid: &str, resources_json: Vec<u8>) -> Result<(), TaskError> {
-        self.with_process(cid, "", |_| Ok(()))?;
-        let agent = self.agent()?;
-        let req = agent::UpdateContainerRequest { container_id: cid.into(), resources_json, ..Default::default() };
-        agent
-            .client
-            .update_container(agent.ctx(), &req)
-            .map_err(|e| task_error("UpdateContainer", e))?;
-        Ok(())
+        self.query(cid, "")?.update_container(cid, resources_json)
     }
 
     pub fn resize_pty(&self, cid: &str, eid: &str, width: u32, height: u32) -> Result<(), TaskError> {
-        self.with_process(cid, eid, |_| Ok(()))?;
-        let agent = self.agent()?;
-        let req = agent::TtyWinResizeRequest {
-            container_id: cid.into(),
-            exec_id: eid.into(),
-            rows: height,
-            cols: width,
-            ..Default::default()
-        };
-        agent.client.tty_win_resize(agent.ctx(), &req).map_err(|e| task_error("TtyWinResize", e))?;
-        Ok(())
+        self.query(cid, eid)?.resize_pty(cid, eid, width, height)
     }
 
     pub fn close_stdin(&self, cid: &str, eid: &str) -> Result<(), TaskError> {
-        let io = self.with_process(cid, eid, |p| Ok(p.io.clone()))?;
+        let io = process_mut(&mut self.lock(), cid, eid)?.io.clone();
         if let Some(io) = io {
             io.lock().unwrap_or_else(|e| e.into_inner()).close_stdin();
         }
@@ -813,162 +647,21 @@ impl Sandbox {
         self.lock().containers.is_empty()
     }
 
-    /// Shutdown with containers left (containerd only asks when there are none): tear
-    /// everything down anyway, as the shim is about to go.
+    /// Shutdown: the VM goes and the shim exits, unless another call is already shutting
+    /// the pod down (then that call lets the shim exit when it is done). Containers still
+    /// left (containerd only asks when there are none) go too: every process still live
+    /// ends with VM_GONE_STATUS so no Wait hangs.
     pub fn shutdown_now(&self) {
-        let ids: Vec<String> = self.lock().containers.keys().cloned().collect();
-        for id in ids {
-            if let Some(mut c) = self.lock().containers.remove(&id) {
-                c.mounts.unmount_all();
+        let containers: Vec<Container> = self.lock().containers.drain().map(|(_, c)| c).collect();
+        for mut c in containers {
+            for p in std::iter::once(&mut c.init).chain(c.execs.values_mut()) {
+                p.end(VM_GONE_STATUS);
             }
+            drop(c.mounts.take());
         }
-        self.teardown();
-        self.done.set(Exit::now(0));
-    }
-}
-
-/// The end of the guest console log (written only with `debug` on).
-/// The guest console's last lines (the guest's text: read from the end of the file
-/// only, control characters replaced).
-fn console_tail(paths: &SandboxPaths) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(paths.console()).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES))).ok()?;
-    let mut bytes = Vec::new();
-    f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut bytes).ok()?;
-    let text = crate::bounds::guest_text(&String::from_utf8_lossy(&bytes), CONSOLE_TAIL_BYTES as usize * 3, true);
-    let lines: Vec<&str> = text.lines().collect();
-    Some(lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n"))
-}
-
-/// Gives the guest the pod's interfaces (matched by MAC: the VMM gave each NIC its
-/// interface's MAC) and then its routes.
-fn configure_guest_network(agent: &Agent, net: &PodNetwork) -> Result<(), TaskError> {
-    for iface in net.interfaces() {
-        let what = format!("configuring the guest's {} ({})", iface.name, iface.mac);
-        let interface = protobuf::MessageField::some(iface);
-        let req = agent::UpdateInterfaceRequest { interface, ..Default::default() };
-        if let Err(e) = agent.client.update_interface(agent.ctx(), &req) {
-            return Err(internal(format!("{what}: {}", call_error("UpdateInterface", e))));
-        }
-    }
-    let routes = net.routes();
-    if !routes.is_empty() {
-        let what = format!("adding the pod's {} routes in the guest", routes.len());
-        let req = agent::UpdateRoutesRequest { routes, ..Default::default() };
-        if let Err(e) = agent.client.update_routes(agent.ctx(), &req) {
-            return Err(internal(format!("{what}: {}", call_error("UpdateRoutes", e))));
-        }
-    }
-    Ok(())
-}
-
-pub fn timestamp(t: SystemTime) -> protobuf::well_known_types::timestamp::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    protobuf::well_known_types::timestamp::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-        ..Default::default()
-    }
-}
-
-/// Removes a sandbox state directory: everything below should already be unmounted
-/// (`ContainerMounts`); anything still mounted is unmounted first (found in the mount
-/// table, opened without following a symlink), and the removal never follows a symlink
-/// nor enters a mount, so no file on a volume or elsewhere on the host is ever deleted
-/// through it.
-pub fn remove_state_dir(dir: &Path) {
-    crate::cleanup::unmount_below(dir);
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return };
-    let removed = crate::hostfs::Dir::open_trusted(parent).and_then(|p| p.remove_tree(Path::new(name)));
-    if let Err(e) = removed {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("removing {}: {e}", dir.display());
-        }
+        self.shut_down_and_exit();
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Default)]
-    struct Recorded(Mutex<Vec<String>>);
-    impl EventSink for Recorded {
-        fn publish(&self, topic: &str, _event: Box<dyn protobuf::MessageDyn>) {
-            self.0.lock().unwrap().push(topic.to_string());
-        }
-    }
-
-    fn sandbox() -> (Arc<Sandbox>, Arc<Recorded>) {
-        let events = Arc::new(Recorded::default());
-        (Sandbox::new("sb", "ns", events.clone(), Arc::default()), events)
-    }
-
-    fn request(dir: &Path, id: &str, annotations: serde_json::Value) -> CreateRequest {
-        let spec = serde_json::json!({
-            "ociVersion": "1.0.2", "process": { "args": ["true"], "cwd": "/" },
-            "root": { "path": "rootfs" }, "annotations": annotations
-        });
-        std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
-        let state = dir.join("state");
-        std::fs::write(dir.join("wisp.toml"), format!("[runtime]\nstate_dir = \"{}\"\n", state.display())).unwrap();
-        CreateRequest {
-            id: id.into(),
-            bundle: dir.to_path_buf(),
-            rootfs: Vec::new(),
-            stdio: StdioPaths::default(),
-            config_path: Some(dir.join("wisp.toml")),
-        }
-    }
-
-    #[test]
-    fn bad_create_requests_are_refused_before_any_vm_exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let (sb, events) = sandbox();
-        let e = sb.create(request(dir.path(), "a/b", serde_json::json!({}))).unwrap_err();
-        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
-        let e = sb.create(request(dir.path(), &"x".repeat(300), serde_json::json!({}))).unwrap_err();
-        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
-
-        let refused = serde_json::json!({ "io.wisp.config.hypervisor.vcpus": "2" });
-        let e = sb.create(request(dir.path(), "c1", refused)).unwrap_err();
-        assert!(matches!(e, TaskError::InvalidArgument(_)) && e.to_string().contains("hypervisor.vcpus"), "{e}");
-
-        let mut bad_bundle = request(dir.path(), "c1", serde_json::json!({}));
-        bad_bundle.bundle = dir.path().join("missing");
-        let e = sb.create(bad_bundle).unwrap_err();
-        assert!(e.to_string().contains("config.json"), "{e}");
-
-        std::fs::write(dir.path().join("wisp.toml"), "[hypervisor]\nvcpu = 2\n").unwrap();
-        let mut r = request(dir.path(), "c1", serde_json::json!({}));
-        std::fs::write(dir.path().join("wisp.toml"), "[hypervisor]\nvcpu = 2\n").unwrap();
-        r.config_path = Some(dir.path().join("wisp.toml"));
-        let e = sb.create(r).unwrap_err();
-        assert!(e.to_string().contains("hypervisor.vcpu"), "{e}");
-
-        assert!(!dir.path().join("state").exists(), "a refused create left a state directory");
-        assert!(sb.is_empty() && events.0.lock().unwrap().is_empty(), "a refused create left state or sent events");
-    }
-
-    #[test]
-    fn calls_on_unknown_tasks_are_not_found() {
-        let (sb, _) = sandbox();
-        let nf = |r: Result<(), TaskError>| assert!(matches!(r, Err(TaskError::NotFound(_))), "{r:?}");
-        nf(sb.start("nope", "").map(|_| ()));
-        nf(sb.pause("nope", true));
-        nf(sb.kill("nope", "", 9, false));
-        nf(sb.delete("nope", "").map(|_| ()));
-        nf(sb.wait("nope", "").map(|_| ()));
-        nf(sb.state("nope", "").map(|_| ()));
-        nf(sb.pids("nope").map(|_| ()));
-        nf(sb.stats("nope").map(|_| ()));
-        nf(sb.update("nope", b"{}".to_vec()));
-        nf(sb.resize_pty("nope", "", 80, 24));
-        nf(sb.close_stdin("nope", ""));
-        nf(sb.add_exec("nope", "e1", StdioPaths::default(), b"{}".to_vec()));
-        let e = sb.add_exec("nope", "", StdioPaths::default(), b"{}".to_vec()).unwrap_err();
-        assert!(matches!(e, TaskError::InvalidArgument(_)), "{e}");
-    }
-}
+mod tests;

@@ -16,7 +16,9 @@ use ttrpc::{Code, TtrpcContext};
 
 use crate::container::Status;
 use crate::io::StdioPaths;
-use crate::sandbox::{timestamp, CreateRequest, Sandbox, TaskError};
+use crate::events::timestamp;
+use crate::pod::TaskError;
+use crate::sandbox::{CreateRequest, Sandbox};
 
 pub struct TaskService {
     pub sandbox: Arc<Sandbox>,
@@ -58,7 +60,9 @@ fn create_request(req: CreateTaskRequest) -> Result<CreateRequest, TaskError> {
 
 fn to_task_status(s: Status) -> TaskStatus {
     match s {
-        Status::Created => TaskStatus::CREATED,
+        // containerd has no word for these; its Create or Start call has not returned.
+        Status::Creating => TaskStatus::UNKNOWN,
+        Status::Created | Status::Starting => TaskStatus::CREATED,
         Status::Running => TaskStatus::RUNNING,
         Status::Paused => TaskStatus::PAUSED,
         Status::Stopped => TaskStatus::STOPPED,

@@ -43,7 +43,7 @@ impl Share {
         let skel = sandbox.mkdir_all(Path::new(SKEL), 0o700)?;
         sandbox.mkdir_all(Path::new(VIEW), 0o700)?;
         let target = sandbox.open_target(Path::new(VIEW))?;
-        let attrs = hostfs::GUARD | libc::MOUNT_ATTR_RDONLY;
+        let attrs = hostfs::BindAttrs::all(hostfs::GUARD | libc::MOUNT_ATTR_RDONLY);
         hostfs::bind_fd(skel.as_fd(), target.as_fd(), attrs, false)
             .map_err(|e| io::Error::new(e.kind(), format!("making the share's read-only view: {e}")))?;
         let view = sandbox.open_mounted_dir(Path::new(VIEW))?;
@@ -92,7 +92,7 @@ mod tests {
         std::fs::write(sb.join("shared/c1/rootfs/f"), b"x").unwrap();
         assert!(!sb.join("skel/c1/rootfs/f").exists());
         drop(share);
-        crate::sandbox::remove_state_dir(&sb);
+        crate::cleanup::remove_state_dir(&sb);
         assert!(!sb.exists());
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!info.contains(&sb.display().to_string()), "mounts left");

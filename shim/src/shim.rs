@@ -9,7 +9,9 @@ use containerd_shim::{Config, DeleteResponse, Flags, StartOpts};
 
 use crate::container::ExitCell;
 use crate::events::RemoteEvents;
-use crate::sandbox::{timestamp, Sandbox};
+use crate::events::timestamp;
+use crate::sandbox::Sandbox;
+use crate::vmpod::VmEngine;
 use crate::service::TaskService;
 use crate::spec::BundleSpec;
 
@@ -72,6 +74,6 @@ impl containerd_shim::Shim for WispShim {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let events = Arc::new(RemoteEvents::new(publisher, &self.namespace));
-        TaskService { sandbox: Sandbox::new(&self.id, &self.namespace, events, self.done.clone()) }
+        TaskService { sandbox: Sandbox::new(&self.id, &self.namespace, events, self.done.clone(), Arc::new(VmEngine)) }
     }
 }

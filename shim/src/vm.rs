@@ -15,11 +15,21 @@ use wisp_protocols::vmm::ShutdownRequest;
 use wisp_protocols::vmm_ttrpc::VmmClient;
 
 use crate::cgroup::{VmmCgroup, CGROUP_ROOT};
+use crate::pidfd::{PidFd, VmmRecord};
 use crate::spawn::SpawnSpec;
 
 /// Guest vsock CID (the VMM's device is per VM, so every VM can use the same one).
 const GUEST_CID: u32 = 3;
 const STDERR_LINES_KEPT: usize = 20;
+/// The VMM's stderr lines forwarded to the shim's log: a burst of 100 (a VMM's start and
+/// end say a few dozen things at most), then 5 a second. The rest are counted and the
+/// count logged. The VMM budgets what the guest can make it log, but this is the
+/// shim's own bound on what reaches containerd's log, whatever the VMM does.
+const STDERR_LOG_BURST: u32 = 100;
+const STDERR_LOG_PER_SEC: u32 = 5;
+/// The longest VMM stderr line kept or forwarded; longer ones are cut (and what is
+/// past this is never held in memory).
+const STDERR_LINE_MAX: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -66,6 +76,7 @@ impl SandboxPaths {
     pub fn jail(&self) -> PathBuf {
         self.dir.join("jail")
     }
+    /// The VMM's pid and start time (`pidfd::VmmRecord`).
     pub fn vmm_pid(&self) -> PathBuf {
         self.dir.join("vmm.pid")
     }
@@ -115,6 +126,9 @@ struct ExitState {
 /// A running VMM. Dropping it does not stop it: call `stop`.
 pub struct VmmProcess {
     pid: u32,
+    /// The VMM's pidfd, opened before it could be reaped: signals go to it and to no
+    /// process that gets its pid later.
+    pidfd: PidFd,
     paths: SandboxPaths,
     exit: Arc<(Mutex<ExitState>, Condvar)>,
 }
@@ -144,7 +158,7 @@ impl VmmProcess {
         arg("--vsock-uds", &paths.vsock());
         arg("--vsock-cid", &GUEST_CID.to_string());
         arg("--api-sock", &paths.api());
-        arg("--shared-dir", &format!("{}={}", crate::sandbox::SHARED_FS_TAG, paths.shared().display()));
+        arg("--shared-dir", &format!("{}={}", crate::vmpod::SHARED_FS_TAG, paths.shared().display()));
         if config.runtime.debug {
             arg("--console", &paths.console());
             arg("--log-level", &"info");
@@ -198,10 +212,10 @@ impl VmmProcess {
                     let spawned = spec.spawn();
                     // The child has its copies of the taps now (or failed); ours go.
                     drop(taps);
-                    let pid = match spawned {
-                        Ok(s) => {
-                            let pid = s.pid;
-                            let _ = spawned_tx.send(Ok(s));
+                    let pid = match spawned.and_then(|s| identify(s.pid).map(|(fd, started)| (s, fd, started))) {
+                        Ok(spawned) => {
+                            let pid = spawned.0.pid;
+                            let _ = spawned_tx.send(Ok(spawned));
                             pid
                         }
                         Err(e) => {
@@ -232,27 +246,37 @@ impl VmmProcess {
                 })
                 .map_err(spawn_err)?;
         }
-        let spawned = spawned_rx
+        let (spawned, pidfd, start_time) = spawned_rx
             .recv()
             .map_err(|_| spawn_err(std::io::Error::other("the VMM watcher thread ended before spawning")))?
             .map_err(spawn_err)?;
+        let record = VmmRecord { pid: spawned.pid, start_time };
+        // For `delete` after this shim died (`cleanup.rs`): pid and start time.
+        let _ = std::fs::write(paths.vmm_pid(), record.to_file_text());
         let pid = spawned.pid as u32;
-        let _ = std::fs::write(paths.vmm_pid(), pid.to_string());
         {
             let exit = exit.clone();
             let stderr = spawned.stderr;
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    log::info!("wisp-vmm[{pid}]: {line}");
+                let mut forward = StderrForward::new(pid);
+                let mut reader = BufReader::new(stderr);
+                while let Some(line) = read_line_capped(&mut reader, STDERR_LINE_MAX) {
+                    for entry in forward.line(&line, Instant::now()) {
+                        log::info!("{entry}");
+                    }
+                    // The tail (the VM-ended reason) keeps every line, rate limit or not.
                     let mut st = exit.0.lock().unwrap_or_else(|e| e.into_inner());
                     if st.stderr_tail.len() == STDERR_LINES_KEPT {
                         st.stderr_tail.remove(0);
                     }
                     st.stderr_tail.push(line);
                 }
+                if let Some(entry) = forward.finish() {
+                    log::info!("{entry}");
+                }
             });
         }
-        Ok(Self { pid, paths: paths.clone(), exit })
+        Ok(Self { pid, pidfd, paths: paths.clone(), exit })
     }
 
     /// Why the VMM ended, if it has.
@@ -298,11 +322,107 @@ impl VmmProcess {
         let wait = if asked { grace + Duration::from_secs(2) } else { Duration::ZERO };
         if self.wait_exit(wait).is_none() {
             log::warn!("wisp-vmm[{}] still running; killing it", self.pid);
-            // SAFETY: kill(2) on the pid of our own child, which the watcher has not
-            // reaped yet (it would have recorded the exit).
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            match self.pidfd.send_signal(libc::SIGKILL) {
+                // ESRCH: it ended (and was reaped) meanwhile.
+                Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                    log::warn!("wisp-vmm[{}]: cannot kill it: {e}", self.pid)
+                }
+                _ => {}
+            }
             self.wait_exit(Duration::from_secs(5));
         }
+    }
+}
+
+/// The pidfd and start time of the VMM just spawned, taken before anything can reap it
+/// (only the watcher thread does, after this), so both name that very process. If they
+/// cannot be had (pidfd_open needs Linux 5.3), the child is killed by pid (still
+/// unreaped, so the pid is still its own) and reaped, and the start fails.
+fn identify(pid: libc::pid_t) -> std::io::Result<(PidFd, u64)> {
+    let identity = PidFd::open(pid)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("pidfd_open for the VMM (Linux 5.3 or later): {e}")))
+        .and_then(|fd| Ok((fd, crate::pidfd::start_time(pid)?)));
+    if identity.is_err() {
+        // SAFETY: kill(2) on our own child, which nothing has reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = crate::spawn::wait(pid);
+    }
+    identity
+}
+
+/// The next line of `r` as text without its newline (control characters replaced, at
+/// most `max` bytes with a note of what was cut; the rest of a longer line is read and
+/// thrown away, never held), or `None` at the end or on a read error.
+fn read_line_capped(r: &mut impl BufRead, max: usize) -> Option<String> {
+    let mut line = Vec::new();
+    let mut cut = 0usize;
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            if line.is_empty() && cut == 0 {
+                return None;
+            }
+            break;
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut += chunk.len().saturating_sub(room);
+        let used = done.unwrap_or(chunk.len());
+        r.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    let mut text = crate::bounds::guest_text(&String::from_utf8_lossy(&line), max, false);
+    if cut > 0 {
+        text.push_str(&format!(" [... {cut} more bytes cut]"));
+    }
+    Some(text)
+}
+
+/// What of the VMM's stderr goes to the shim's log: each line as `wisp-vmm[PID]: ...`
+/// under a token bucket, and a count of the lines the bucket refused, logged with the
+/// next line let through (and at the end).
+struct StderrForward {
+    pid: u32,
+    limit: crate::bounds::RateLimit,
+    dropped: u64,
+}
+
+impl StderrForward {
+    fn new(pid: u32) -> Self {
+        Self { pid, limit: crate::bounds::RateLimit::new(STDERR_LOG_PER_SEC, STDERR_LOG_BURST), dropped: 0 }
+    }
+
+    /// The log entries for one stderr line read at `now` (none, the line, or a drop
+    /// count and the line).
+    fn line(&mut self, line: &str, now: Instant) -> Vec<String> {
+        if !self.limit.allow_at(now) {
+            self.dropped += 1;
+            return Vec::new();
+        }
+        let mut entries = Vec::with_capacity(2);
+        entries.extend(self.drop_note());
+        entries.push(format!("wisp-vmm[{}]: {line}", self.pid));
+        entries
+    }
+
+    /// At the end of the stream: the count of lines dropped since the last one logged.
+    fn finish(&mut self) -> Option<String> {
+        self.drop_note()
+    }
+
+    fn drop_note(&mut self) -> Option<String> {
+        let n = std::mem::take(&mut self.dropped);
+        (n > 0).then(|| format!("wisp-vmm[{}]: {n} lines from wisp-vmm dropped (rate limit)", self.pid))
     }
 }
 
@@ -325,6 +445,51 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn vmm_stderr_is_rate_limited_and_the_drops_counted() {
+        let mut f = StderrForward::new(42);
+        let t0 = Instant::now();
+        for i in 0..STDERR_LOG_BURST {
+            assert_eq!(f.line(&format!("line {i}"), t0), vec![format!("wisp-vmm[42]: line {i}")]);
+        }
+        // A flood: nothing more goes to the log at once.
+        for _ in 0..10_000 {
+            assert!(f.line("flood", t0).is_empty());
+        }
+        // A second later the rate allows a few again; the first says what was dropped.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            f.line("after", later),
+            vec![
+                "wisp-vmm[42]: 10000 lines from wisp-vmm dropped (rate limit)".to_string(),
+                "wisp-vmm[42]: after".into()
+            ]
+        );
+        assert_eq!(f.line("next", later), vec!["wisp-vmm[42]: next".to_string()]);
+        assert_eq!(f.finish(), None);
+        let mut n = 0;
+        while !f.line("x", later).is_empty() {
+            n += 1;
+        }
+        assert!(n < STDERR_LOG_PER_SEC, "{n}");
+        assert_eq!(f.finish().as_deref(), Some("wisp-vmm[42]: 1 lines from wisp-vmm dropped (rate limit)"));
+    }
+
+    #[test]
+    fn vmm_stderr_lines_are_capped_and_cannot_forge_entries() {
+        let long = "a".repeat(5000);
+        let mut input = b"short\n".to_vec();
+        input.extend_from_slice(long.as_bytes());
+        input.extend_from_slice(b"\nbad \x1b[2J\xff utf-8\r\nlast without newline");
+        let mut r = std::io::BufReader::with_capacity(64, &input[..]);
+        assert_eq!(read_line_capped(&mut r, 100).as_deref(), Some("short"));
+        let cut = read_line_capped(&mut r, 100).unwrap();
+        assert!(cut.starts_with(&"a".repeat(100)) && cut.ends_with("[... 4900 more bytes cut]"), "{cut}");
+        assert_eq!(read_line_capped(&mut r, 100).as_deref(), Some("bad ?[2J\u{fffd} utf-8?"));
+        assert_eq!(read_line_capped(&mut r, 100).as_deref(), Some("last without newline"));
+        assert_eq!(read_line_capped(&mut r, 100), None);
+    }
 
     #[test]
     fn net_args_name_fd_mac_and_mtu() {

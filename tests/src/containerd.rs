@@ -38,6 +38,14 @@ pub struct Containerd {
     child: Option<Watched>,
 }
 
+/// containerd's Go runtime figures (`Containerd::go_runtime`).
+#[derive(Clone, Copy, Debug)]
+pub struct GoRuntime {
+    pub goroutines: u64,
+    /// Bytes of live heap objects after a forced collection.
+    pub heap_alloc: u64,
+}
+
 /// The containerd build the tests run (see the module's documentation).
 #[derive(Clone, Debug)]
 pub struct Build {
@@ -209,6 +217,48 @@ impl Containerd {
         c
     }
 
+    /// containerd's debug endpoint (pprof, expvar), a Unix socket beside its own.
+    pub fn debug_socket(&self) -> PathBuf {
+        PathBuf::from(format!("{}.debug", self.socket.display()))
+    }
+
+    /// containerd's goroutines and its Go heap in use right after a garbage collection,
+    /// read from its debug endpoint (`/debug/pprof`): what a leak in containerd shows as,
+    /// which its RSS (the Go runtime keeps freed memory) does not.
+    pub fn go_runtime(&self) -> anyhow::Result<GoRuntime> {
+        let goroutines = self.debug_get("/debug/pprof/goroutine?debug=1")?;
+        let goroutines = goroutines
+            .lines()
+            .find_map(|l| l.strip_prefix("goroutine profile: total "))
+            .and_then(|n| n.trim().parse().ok())
+            .context("no 'goroutine profile: total N' line from containerd's /debug/pprof/goroutine")?;
+        // gc=1: the profile is taken after a collection; debug=1 ends it with the MemStats.
+        let heap = self.debug_get("/debug/pprof/heap?gc=1&debug=1")?;
+        let heap_alloc = heap
+            .lines()
+            .find_map(|l| l.strip_prefix("# HeapAlloc = "))
+            .and_then(|n| n.trim().parse().ok())
+            .context("no '# HeapAlloc = N' line from containerd's /debug/pprof/heap")?;
+        Ok(GoRuntime { goroutines, heap_alloc })
+    }
+
+    /// The body of an HTTP GET of `path` on containerd's debug socket.
+    fn debug_get(&self, path: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let socket = self.debug_socket();
+        let what = || format!("GET {path} on {}", socket.display());
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).with_context(what)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: containerd\r\n\r\n").with_context(what)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).with_context(what)?;
+        let (head, body) = reply.split_once("\r\n\r\n").with_context(|| format!("{}: no HTTP reply", what()))?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("{}: {}", what(), head.lines().next().unwrap_or(""));
+        }
+        Ok(body.to_string())
+    }
+
     /// The CRI plugin's CNI conf dir.
     pub fn cni_dir(&self) -> PathBuf {
         self.dir.path().join("cni")
@@ -303,6 +353,7 @@ oom_score = 0
   address = "{sock}.ttrpc"
 [debug]
   level = "debug"
+  address = "{sock}.debug"
 "#,
         root = d.join("root").display(),
         state = d.join("state").display(),
@@ -375,20 +426,20 @@ impl Drop for Containerd {
         }
         // Snapshot mounts may remain if a test failed halfway: detach them before the
         // temporary directory goes.
-        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let root = self.dir.path().to_path_buf();
-            let mut mounts: Vec<&str> =
-                info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| Path::new(m).starts_with(&root)).collect();
-            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        // Deepest first, and a path as often as mounts are stacked on it.
+        if let Ok(entries) = wisp_shim::mountinfo::read() {
+            let mut mounts: Vec<PathBuf> =
+                entries.into_iter().map(|e| e.mount_point).filter(|m| m.starts_with(self.dir.path())).collect();
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
             for m in mounts {
-                let _ = nix_umount(m);
+                let _ = nix_umount(&m);
             }
         }
     }
 }
 
-fn nix_umount(path: &str) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path)?;
+fn nix_umount(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: umount2 with a valid C string.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
         return Err(std::io::Error::last_os_error());

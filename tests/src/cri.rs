@@ -27,6 +27,25 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The Kubernetes namespace of the test pods (pod metadata only).
 pub const POD_NAMESPACE: &str = "wisp-test";
 
+/// A CRI client to `c`, once the images the CRI tests use are imported into `c` and
+/// the CRI plugin lists them (it learns of them from containerd's events); the image's
+/// name. `who` prefixes the version line printed.
+pub fn connect_with_images(c: &crate::containerd::Containerd, who: &str) -> anyhow::Result<(Cri, String)> {
+    use crate::image::PAUSE_IMAGE;
+    let image = c.import_cri_images()?;
+    let cri = Cri::connect(&c.socket)?;
+    let v = cri.version()?;
+    eprintln!("{who}: {} {} (CRI {})", v.runtime_name, v.runtime_version, v.runtime_api_version);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(cri.image_present(&image)? && cri.image_present(PAUSE_IMAGE)?) {
+        if Instant::now() >= deadline {
+            bail!("the CRI plugin does not list {image} and {PAUSE_IMAGE} after importing them");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((cri, image))
+}
+
 /// A CRI error: the gRPC status of a failed call, or a call that did not answer in time.
 #[derive(Debug)]
 pub struct CallError {

@@ -3,12 +3,14 @@
 //! busybox image imported, `ctr run` with its exit code and output, and the check that
 //! nothing of wisp is left behind.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
 use crate::containerd::{wisp_config, Containerd};
+use crate::procs::{mounts_under, STATE_DIR};
 
 pub const RUNTIME: &str = "io.containerd.wisp.v2";
 
@@ -108,17 +110,16 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let vmms = Command::new("pgrep").args(["-x", "wisp-vmm"]).output()?.stdout;
-            let dirs: Vec<_> = std::fs::read_dir("/run/wisp")
+            let dirs: Vec<_> = std::fs::read_dir(STATE_DIR)
                 .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
                 .unwrap_or_default();
-            let mounts =
-                std::fs::read_to_string("/proc/self/mountinfo")?.lines().filter(|l| l.contains("/run/wisp/")).count();
-            if vmms.is_empty() && dirs.is_empty() && mounts == 0 {
+            let mounts = mounts_under(&[Path::new(STATE_DIR)]);
+            if vmms.is_empty() && dirs.is_empty() && mounts.is_empty() {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "left behind: wisp-vmm pids {:?}, dirs {dirs:?}, {mounts} mounts",
+                    "left behind: wisp-vmm pids {:?}, dirs {dirs:?}, mounts {mounts:?}",
                     String::from_utf8_lossy(&vmms)
                 );
             }

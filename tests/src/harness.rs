@@ -26,7 +26,12 @@ pub type CaseResult = anyhow::Result<Outcome>;
 type Case = (String, Box<dyn Fn() -> CaseResult>);
 
 /// What a failure says when a nested guest triple-faulted (wisp-vmm's exit reason).
-const TRIPLE_FAULT: &str = "GuestTripleFault";
+pub const TRIPLE_FAULT: &str = "GuestTripleFault";
+
+/// Whether this runs inside the emulated KVM host (`tests/kvmhost/run` sets it).
+pub fn in_emulated_host() -> bool {
+    std::env::var_os("WISP_KVMHOST").is_some()
+}
 /// The first line of a guest kernel's console, and the line it prints as it starts /init.
 const KERNEL_BANNER: &str = "Linux version ";
 const KERNEL_STARTS_INIT: &str = "Run /init as init process";
@@ -39,6 +44,14 @@ const KERNEL_STARTS_INIT: &str = "Run /init as init process";
 fn rerun_after(failure: &str, emulated: bool) -> bool {
     let kernel_stalled = failure.contains(KERNEL_BANNER) && !failure.contains(KERNEL_STARTS_INIT);
     emulated && (failure.contains(TRIPLE_FAULT) || kernel_stalled)
+}
+
+/// Whether `failure` shows one of the emulator's nested-boot faults (a triple fault, a
+/// kernel stalled in boot) and this runs inside the emulated KVM host: what the runner
+/// reruns a case for. A suite that repeats one step many times (`tests/soak.rs`) redoes
+/// that step instead of the whole case, and counts it.
+pub fn emulator_fault(failure: &str) -> bool {
+    rerun_after(failure, in_emulated_host())
 }
 
 pub struct Suite {
@@ -68,7 +81,7 @@ impl Suite {
             .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
             .collect();
         println!("running {} tests of suite {}", selected.len(), self.name);
-        let emulated = std::env::var_os("WISP_KVMHOST").is_some();
+        let emulated = in_emulated_host();
         let mut reruns = Vec::new();
         for (name, f) in selected {
             let t = Instant::now();

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use wisp_shim::mountinfo::{self, Entry};
+
 /// Where the shim keeps each pod's state (sockets, logs, mounts): `<STATE_DIR>/<sid>/`.
 pub const STATE_DIR: &str = "/run/wisp";
 
@@ -95,14 +97,35 @@ pub fn describe(pid: u32) -> String {
     out
 }
 
-/// Mount points at or below any of `dirs`.
+/// Mount points at or below any of `dirs`, in this process's mount namespace (the
+/// host's).
 pub fn mounts_under(dirs: &[&Path]) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| dirs.iter().any(|d| Path::new(m).starts_with(d)))
-        .map(String::from)
-        .collect()
+    mounts_in("self", dirs).into_iter().map(|m| m.mount_point.to_string_lossy().into_owned()).collect()
+}
+
+/// The mounts at or below any of `dirs`, as process `pid` ("self" or a number) sees
+/// them, in its table's order: the shim's mountinfo parser (escapes decoded; the
+/// per-mount options in `Entry::options`, `ro` also as `Entry::read_only`).
+pub fn mounts_in(pid: impl std::fmt::Display, dirs: &[&Path]) -> Vec<Entry> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    mountinfo::parse(&info).into_iter().filter(|m| dirs.iter().any(|d| m.mount_point.starts_with(d))).collect()
+}
+
+/// The shim serving pod `sid` (not a passing `start` or `delete` call of the binary).
+/// The pod's mounts (the share, rootfs, volumes) exist only in its mount namespace.
+pub fn serving_shim(sid: &str) -> anyhow::Result<u32> {
+    let pids: Vec<u32> = processes("containerd-shim-wisp-v2", |args| {
+        args.windows(2).any(|w| w[0] == "-id" && w[1] == sid) && !args.iter().any(|a| a == "start" || a == "delete")
+    });
+    match pids[..] {
+        [pid] => Ok(pid),
+        _ => anyhow::bail!("pod {sid}: serving shim processes {pids:?}, want one"),
+    }
+}
+
+/// `path` (absolute) as process `pid` sees it: through its root, in its mount namespace.
+pub fn in_ns_of(pid: u32, path: &Path) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
 }
 
 /// The running kernel's release (`uname -r`).
@@ -124,5 +147,9 @@ mod tests {
         assert!(parent(me).is_some());
         assert!(describe(me).starts_with(&format!("pid {me}: ")));
         assert!(mounts_under(&[Path::new("/proc")]).iter().any(|m| m == "/proc"));
+        // The per-mount options come along: each mount is either rw or ro.
+        let proc = mounts_in(me, &[Path::new("/proc")]);
+        let p = proc.iter().find(|m| m.mount_point == Path::new("/proc")).expect("/proc in the mount table");
+        assert!(p.options.iter().any(|o| o == if p.read_only { "ro" } else { "rw" }), "{p:?}");
     }
 }

@@ -22,9 +22,9 @@ use anyhow::{anyhow, bail};
 use wisp_tests::containerd::{need_containerd, wisp_config, Containerd};
 use wisp_tests::cri::{self, v1 as api, CallError, ContainerConfig, Cri, PodConfig};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
-use wisp_tests::image::PAUSE_IMAGE;
 use wisp_tests::procs::{
-    all_vmm_pids, describe, host_kernel, mounts_under, parent, processes, shim_pids, vmm_pids, wait_pod_gone, STATE_DIR,
+    all_vmm_pids, describe, host_kernel, mounts_in, mounts_under, parent, processes, serving_shim, shim_pids, vmm_pids,
+    wait_pod_gone, STATE_DIR,
 };
 use wisp_tests::rootfs::need_busybox;
 use wisp_tests::{ensure_that, need_built, skip_unless};
@@ -63,19 +63,7 @@ fn env() -> anyhow::Result<Env> {
 
 fn env_with(wisp_toml: &str) -> anyhow::Result<Env> {
     let c = Containerd::start(wisp_toml)?;
-    let image = c.import_cri_images()?;
-    let cri = Cri::connect(&c.socket)?;
-    let v = cri.version()?;
-    eprintln!("cri: {} {} (CRI {})", v.runtime_name, v.runtime_version, v.runtime_api_version);
-    // The CRI plugin learns about imported images from containerd's events.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(cri.image_present(&image)? && cri.image_present(PAUSE_IMAGE)?) {
-        ensure_that!(
-            Instant::now() < deadline,
-            "the CRI plugin does not list {image} and {PAUSE_IMAGE} after importing them"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (cri, image) = cri::connect_with_images(&c, "cri")?;
     let scratch = tempfile::Builder::new().prefix("wisp-cri-").tempdir()?;
     Ok(Env { c, cri, image, scratch, passed: Default::default() })
 }
@@ -509,6 +497,7 @@ fn container_stats() -> CaseResult {
 }
 
 /// StopPodSandbox ends the VM; RemovePodSandbox leaves no VMM, state dir, mount or shim.
+/// While the pod runs, its mounts exist in its shim's mount namespace, not the host's.
 fn stop_and_remove_leave_nothing() -> CaseResult {
     skip_unless_wisp_ready!();
     let e = env()?;
@@ -521,13 +510,15 @@ fn stop_and_remove_leave_nothing() -> CaseResult {
     let shims = shim_pids(&sid);
     ensure_that!(shims.len() == 1, "pod {sid}: shim processes {shims:?}, want one");
     let dir = Path::new(STATE_DIR).join(&sid);
-    let mounts = mounts_under(&[&dir]);
+    let mounts = mounts_in(serving_shim(&sid)?, &[&dir]);
     ensure_that!(
         !mounts.is_empty(),
-        "no mounts under {} while the pod runs: the check below would prove nothing",
+        "no mounts under {} in the shim's namespace while the pod runs: the check below would prove nothing",
         dir.display()
     );
-    eprintln!("cri: pod {sid}: vmm {vmm}, shim {shims:?}, {} mounts", mounts.len());
+    let on_host = mounts_under(&[&dir]);
+    ensure_that!(on_host.is_empty(), "the pod's mounts are in the host's mount namespace: {on_host:?}");
+    eprintln!("cri: pod {sid}: vmm {vmm}, shim {shims:?}, {} mounts in the shim's namespace", mounts.len());
 
     e.cri.stop_pod(&sid).map_err(|x| e.diag(x))?;
     let (status, _) = e.cri.pod_status(&sid).map_err(|x| e.diag(x))?;

@@ -177,6 +177,8 @@ fn volumes_and_rootfs_on_the_share() -> CaseResult {
     // the cases after it do not fail on its leftovers.
     let share_rootfs = std::path::Path::new("/run/wisp/vol/shared/vol/rootfs");
     let checked = (|| -> anyhow::Result<()> {
+        // The share's mounts exist in the shim's mount namespace only.
+        let share_rootfs = wisp_tests::procs::in_ns_of(wisp_tests::procs::serving_shim("vol")?, share_rootfs);
         let exec = |id: &str, script: &str| e.exec("vol", id, script);
         ensure_that!(
             share_rootfs.join("bin/busybox").exists(),

@@ -13,10 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use wisp_shim::mountinfo::Entry;
 use wisp_tests::containerd::need_containerd;
 use wisp_tests::ctr::{env, need_artifacts, Env, Run, RUNTIME};
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::{ensure_that, skip_unless};
+use wisp_tests::procs::{in_ns_of, mounts_in, serving_shim};
 
 macro_rules! skip_unless_ready {
     () => {
@@ -47,27 +49,18 @@ fn unmount(at: &Path) {
     let _ = Command::new("umount").arg("-l").arg(at).status();
 }
 
-fn mountinfo() -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string("/proc/self/mountinfo")?)
+/// Host mounts whose mount point is `p` or below it, in the host's mount namespace.
+fn mounts_at_or_below(p: &Path) -> anyhow::Result<Vec<Entry>> {
+    Ok(mounts_in("self", &[p]))
 }
 
-/// Mount lines whose mount point is `p` or below it: (mount point, options).
-fn mounts_at_or_below(p: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let p = p.display().to_string();
-    Ok(mountinfo()?
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let (mp, opts) = (f.get(4)?, f.get(5)?);
-            (*mp == p || mp.starts_with(&format!("{p}/"))).then(|| (mp.to_string(), opts.to_string()))
-        })
-        .collect())
-}
-
-/// Runs `argv` as user nobody (uid/gid 65534, no groups): what any host user can do.
-fn as_nobody(argv: &[&str]) -> anyhow::Result<Run> {
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+/// Runs `argv` as user nobody (uid/gid 65534, no groups) in the mount namespace of
+/// process `pid` (the pod's shim, where the pod's mounts are): what a host user could do
+/// were the mounts in the host's namespace.
+fn as_nobody_in_ns_of(pid: u32, argv: &[&str]) -> anyhow::Result<Run> {
+    let out = Command::new("nsenter")
+        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+        .args(["--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .args(argv)
         .output()?;
     Ok(Run::from_output(out))
@@ -126,14 +119,20 @@ fn teardown_follows_nothing_the_guest_planted() -> CaseResult {
         }
         let erofs = r.stderr.lines().filter(|l| l.contains("Read-only file system")).count();
         ensure_that!(erofs >= 6, "only {erofs} of the 6 attack steps failed on the read-only skeleton:\n{}", r.stderr);
-        // Nothing the guest wrote reached the state directory outside its layer.
+        // Nothing the guest wrote reached the state directory outside its layer. The
+        // share's mounts are in the shim's mount namespace: looked at from there.
         let sb = Path::new("/run/wisp/hostile");
+        let shim = serving_shim("hostile")?;
         let skel: Vec<String> = std::fs::read_dir(sb.join("skel"))?
             .filter_map(Result::ok)
             .map(|d| d.file_name().to_string_lossy().into_owned())
             .collect();
         ensure_that!(skel == ["hostile"], "the share skeleton holds {skel:?}");
-        ensure_that!(!sb.join("shared/fill").exists(), "the guest wrote into the share root");
+        ensure_that!(
+            in_ns_of(shim, &sb.join("shared/hostile/rootfs/own-layer")).is_file(),
+            "the container's layer is not seen through the shim's namespace: the next check would prove nothing"
+        );
+        ensure_that!(!in_ns_of(shim, &sb.join("shared/fill")).exists(), "the guest wrote into the share root");
         // The next container of the pod, under the name the guest tried to prepare: its
         // rootfs lands on the share as usual (grouped into the pod like CRI does).
         e.ok(&[
@@ -144,7 +143,10 @@ fn teardown_follows_nothing_the_guest_planted() -> CaseResult {
         ])?;
         let r = e.exec("next", "look", "cat /proc/sys/kernel/random/boot_id; ls /bin/busybox")?;
         ensure_that!(r.code == 0, "the next container does not run: {} {}", r.stdout, r.stderr);
-        ensure_that!(sb.join("shared/next/rootfs/bin/busybox").exists(), "the next container's rootfs is not on the share");
+        ensure_that!(
+            in_ns_of(shim, &sb.join("shared/next/rootfs/bin/busybox")).exists(),
+            "the next container's rootfs is not on the share"
+        );
         ensure_that!(mounts_at_or_below(victim_mnt.path())?.len() == 1, "the host mount changed when the next container started");
         e.kill_and_delete("next")?;
         e.kill_and_delete("hostile")
@@ -170,10 +172,12 @@ fn teardown_follows_nothing_the_guest_planted() -> CaseResult {
 
 /// Attacks 3 and 5: guest root makes a setuid-root copy of busybox and a device node
 /// in its rootfs; a volume's host directory is root's alone (as kubelet keeps secret
-/// volumes) and has a mount below it. From the host: the sandbox directory is 0700, user
-/// nobody can neither run the setuid file nor read the volume through the state
-/// directory, every host mount below the sandbox is nosuid,nodev, the device node does
-/// not open even for root, and the read-only volume is read-only down to its submount.
+/// volumes) and has a mount below it. From the host: the pod's mounts are not in the
+/// host's mount namespace at all; in the shim's, where they are, the sandbox directory is
+/// 0700, user nobody can neither reach the setuid file nor read the volume through the
+/// state directory, every mount below the sandbox is nosuid,nodev, the device node does
+/// not open even for root, and the recursively read-only (`rro`) volume is read-only
+/// down to its submount.
 fn guest_files_and_volumes_are_out_of_host_users_reach() -> CaseResult {
     skip_unless_ready!();
     let e = env()?;
@@ -183,7 +187,7 @@ fn guest_files_and_volumes_are_out_of_host_users_reach() -> CaseResult {
     std::fs::create_dir(secret.path().join("sub"))?;
     mount_tmpfs(&secret.path().join("sub"))?;
     let result = (|| -> anyhow::Result<()> {
-        let vol = format!("type=bind,src={},dst=/secret,options=rbind:ro", secret.path().display());
+        let vol = format!("type=bind,src={},dst=/secret,options=rbind:rro", secret.path().display());
         start_privileged(&e, "suid", &["--mount", &vol])?;
         let script = "cp /bin/busybox /suid-bb && chmod 4755 /suid-bb; echo suid=$?
             mknod /devnode c 1 3; echo mknod=$?
@@ -204,18 +208,22 @@ fn guest_files_and_volumes_are_out_of_host_users_reach() -> CaseResult {
         let sb = Path::new("/run/wisp/suid");
         let mode = std::fs::metadata(sb)?.permissions().mode() & 0o7777;
         ensure_that!(mode == 0o700, "{} has mode {mode:o}, want 700", sb.display());
+        let on_host = mounts_at_or_below(sb)?;
+        ensure_that!(on_host.is_empty(), "the pod's mounts are in the host's mount namespace: {on_host:?}");
+        let shim = serving_shim("suid")?;
         let rootfs = sb.join("shared/suid/rootfs");
-        ensure_that!(rootfs.join("suid-bb").is_file(), "the planted file is not on the host share");
+        ensure_that!(!rootfs.join("suid-bb").exists(), "the planted file is on the host's path to the share");
+        ensure_that!(in_ns_of(shim, &rootfs.join("suid-bb")).is_file(), "the planted file is not on the shim's share");
         let planted = rootfs.join("suid-bb");
-        let meta = std::fs::metadata(&planted)?;
+        let meta = std::fs::metadata(in_ns_of(shim, &planted))?;
         ensure_that!(
             meta.permissions().mode() & 0o4000 != 0 && std::os::unix::fs::MetadataExt::uid(&meta) == 0,
             "the guest's file on the host is not setuid-root (mode {:o}): the attack was not set up",
             meta.permissions().mode()
         );
-        // Host users cannot even reach it (the sandbox directory is 0700); were it
-        // reachable, the nosuid mount checked below would not honour its bit.
-        let r = as_nobody(&["stat", &planted.display().to_string()])?;
+        // Not even in the shim's namespace can a user reach it (the sandbox directory is
+        // 0700); were it reachable, the nosuid mount checked below would not honour its bit.
+        let r = as_nobody_in_ns_of(shim, &["stat", &planted.display().to_string()])?;
         ensure_that!(
             r.code != 0 && r.stderr.contains("Permission denied"),
             "user nobody reaches the guest's setuid file: {} {}",
@@ -224,13 +232,14 @@ fn guest_files_and_volumes_are_out_of_host_users_reach() -> CaseResult {
         );
         let mounts = sb.join("shared/suid/mounts");
         let mut volumes = 0;
-        for d in std::fs::read_dir(&mounts)? {
-            let p = d?.path().join("token");
-            if !p.exists() {
+        for d in std::fs::read_dir(in_ns_of(shim, &mounts))? {
+            let name = d?.file_name();
+            if !in_ns_of(shim, &mounts.join(&name).join("token")).exists() {
                 continue;
             }
             volumes += 1;
-            let r = as_nobody(&["cat", &p.display().to_string()])?;
+            let p = mounts.join(&name).join("token");
+            let r = as_nobody_in_ns_of(shim, &["cat", &p.display().to_string()])?;
             ensure_that!(
                 r.code != 0 && !r.stdout.contains("s3cret") && r.stderr.contains("Permission denied"),
                 "user nobody read the volume through {}: {} {}",
@@ -241,22 +250,23 @@ fn guest_files_and_volumes_are_out_of_host_users_reach() -> CaseResult {
         }
         ensure_that!(volumes == 1, "found the volume {volumes} times below {}", mounts.display());
 
-        let all = mounts_at_or_below(sb)?;
+        let all = mounts_in(shim, &[sb]);
         ensure_that!(
             all.len() >= 4,
             "expected the view, rootfs, volume and its submount below {}: {all:?}",
             sb.display()
         );
-        for (mp, opts) in &all {
-            let o: Vec<&str> = opts.split(',').collect();
-            ensure_that!(o.contains(&"nosuid") && o.contains(&"nodev"), "{mp} is mounted {opts}: not nosuid,nodev");
-            if mp.contains("/mounts/") {
-                ensure_that!(o.contains(&"ro"), "{mp} (read-only volume or below) is mounted {opts}");
+        for m in &all {
+            let (mp, opts) = (m.mount_point.display(), m.options.join(","));
+            let has = |o: &str| m.options.iter().any(|x| x == o);
+            ensure_that!(has("nosuid") && has("nodev"), "{mp} is mounted {opts}: not nosuid,nodev");
+            if m.mount_point.to_string_lossy().contains("/mounts/") {
+                ensure_that!(m.read_only, "{mp} (read-only volume or below) is mounted {opts}");
             }
         }
         // wisp-vmm's virtio-fs refuses to create device nodes at all (EPERM); were one
         // made, the host's nodev would keep it from opening.
-        let dev = std::fs::File::open(rootfs.join("devnode"));
+        let dev = std::fs::File::open(in_ns_of(shim, &rootfs.join("devnode")));
         let refused = step(&g, "mknod").is_some_and(|c| c != 0) && g.stderr.contains("Operation not permitted");
         let unopenable = dev.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES);
         ensure_that!(refused || unopenable, "the guest's device node opened on the host: {dev:?}\n{}", g.stderr);

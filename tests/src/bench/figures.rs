@@ -7,8 +7,6 @@ use anyhow::Context;
 use wisp_protocols::vmm::Empty;
 use wisp_protocols::vmm_ttrpc::VmmClient;
 
-use wisp_protocols::agent::CheckRequest;
-use wisp_protocols::agent_ttrpc::AgentClient;
 
 use super::pods::{
     cri_pod_lifecycle, ctr_run_echo, ctr_run_echo_confinement, idle_pod_memory, net_throughput, parallel_start,
@@ -335,27 +333,14 @@ fn boot_to_agent_confinement(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
     Ok(Sample { values: vec![("boot_to_agent_confined", ms)], ..Default::default() })
 }
 
-/// Dials the agent's ttrpc port through the VMM's hybrid vsock socket until a Check
-/// answers; returns when it did.
+/// Dials the agent as the shim does (`wisp_shim::agent::Agent::connect`: hybrid vsock,
+/// retried until a version Check answers); returns when it did.
 fn check_agent(vm: &TimedChild, vsock: &std::path::Path, timeout: Duration) -> anyhow::Result<std::time::Instant> {
-    use std::os::fd::IntoRawFd;
-    let deadline = std::time::Instant::now() + timeout;
-    let mut last = String::from("no attempt");
-    while std::time::Instant::now() < deadline {
-        match wisp_protocols::hybrid_vsock::connect(vsock, 1024, Duration::from_secs(2)) {
-            Ok(stream) => {
-                let client = AgentClient::new(ttrpc::Client::new(stream.into_raw_fd())?);
-                let req = CheckRequest { api_version: wisp_protocols::AGENT_API_VERSION, ..Default::default() };
-                match client.check(ttrpc::context::with_timeout(5_000_000_000), &req) {
-                    Ok(_) => return Ok(std::time::Instant::now()),
-                    Err(e) => last = e.to_string(),
-                }
-            }
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let attempt = Duration::from_secs(2);
+    match wisp_shim::agent::Agent::connect(vsock, attempt, timeout, attempt, &|| None) {
+        Ok(_) => Ok(std::time::Instant::now()),
+        Err(e) => anyhow::bail!("{e}; VMM output:\n{}", vm.transcript()),
     }
-    anyhow::bail!("the agent did not answer within {timeout:?} (last: {last}); VMM output:\n{}", vm.transcript())
 }
 
 fn wisp_timeline(vm: &TimedChild, api: &std::path::Path, marker: &str) -> anyhow::Result<Timeline> {
@@ -385,7 +370,7 @@ fn shared_fs_throughput(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
                  echo FS-W-BEGIN && dd if=/dev/zero of=/mnt/f bs=1M count={FS_FILE_MIB} conv=fsync 2>/dev/null && \
                  echo FS-W-END && echo 3 > /proc/sys/vm/drop_caches && \
                  echo FS-R-BEGIN && dd if=/mnt/f of=/dev/null bs=1M 2>/dev/null && echo FS-R-END",
-                ra = AGENT_SHARED_FS_READ_AHEAD_KB,
+                ra = wisp_agent::guest::SHARED_FS_READ_AHEAD_KB,
             );
             let s = &ctx.setup;
             let mut cmd = std::process::Command::new(&s.vmm);
@@ -430,7 +415,3 @@ fn shared_fs_throughput(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
         ..Default::default()
     })
 }
-
-/// The read-ahead the agent sets on the shared filesystem (agent/src/guest.rs
-/// SHARED_FS_READ_AHEAD_KB; the agent crate is not a dependency of the tests).
-const AGENT_SHARED_FS_READ_AHEAD_KB: u32 = 1024;

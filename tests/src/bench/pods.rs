@@ -195,9 +195,12 @@ pub fn idle_pod_memory(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
                 // wisp reports the shim as the task's process; the VMM's pid is in the
                 // sandbox's state directory.
                 let (shim_pss, shim_rss) = rollup(task)?;
+                // (`PID STARTTIME`: the pid is the first field.)
                 let vmm_pid: u32 = std::fs::read_to_string(Path::new("/run/wisp").join(&id).join("vmm.pid"))
                     .context("reading the VMM's pid file")?
-                    .trim()
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
                     .parse()
                     .context("the VMM's pid file")?;
                 // The guest RAM is found by the kernel command line the VMM wrote into

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 use wisp_tests::containerd::{wisp_config, Containerd, CRI_NAMESPACE};
+use wisp_tests::harness::{in_emulated_host, TRIPLE_FAULT};
 use wisp_tests::{cni, go_tool, image};
 
 /// The images critest's container specs use (cri-tools v1.37 `pkg/framework`,
@@ -193,9 +194,15 @@ const VM_SKIPS: &[(&str, &str)] = &[
         "host IPC namespace: the pod's processes run on the VM's kernel, they cannot share the host's IPC objects",
     ),
     (
-        r"mount with 'rshared' should support propagation from host to container|mount with 'rslave' should support propagation from host to container",
-        "mount propagation between host and container: the container's mounts are in the VM's kernel; the share \
-         (virtio-fs) carries files, not mounts, across the VM boundary",
+        r"runtime should support portforward \[Conformance\]",
+        "port-forward: containerd 2.4 forwards a port by dialing localhost in the pod's network namespace on the \
+         host, and a VM pod's loopback is in the guest; containerd has no way yet to hand the stream to the runtime \
+         (proposed in containerd pull requests 14021 and 14074; Kata Containers has the same gap, its issue 1693)",
+    ),
+    (
+        r"mount with 'rshared' should support propagation from host to container",
+        "mount propagation from container to host: the container's mounts are in the VM's kernel, and the share \
+         (virtio-fs) carries files, not mounts, out of the VM (host to container works: the rslave spec passes)",
     ),
 ];
 
@@ -272,10 +279,18 @@ fn matches(pattern: &str, text: &str) -> bool {
     regex::Regex::new(pattern).map(|r| r.is_match(text)).unwrap_or(false)
 }
 
-fn run_critest(c: &Containerd, args: &Args, handler: &str, skip: &str) -> anyhow::Result<PathBuf> {
+/// Runs critest with `handler`; its report and output go to `<name>.json`/`<name>.log`.
+fn run_critest(
+    c: &Containerd,
+    args: &Args,
+    handler: &str,
+    skip: &str,
+    focus: Option<&str>,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
     let critest = go_tool("cri-tools", "critest").map_err(anyhow::Error::msg)?;
     let endpoint = format!("unix://{}", c.socket.display());
-    let report = args.out.join(format!("{handler}.json"));
+    let report = args.out.join(format!("{name}.json"));
     let mut cmd = Command::new(&critest);
     cmd.arg(format!("-runtime-endpoint={endpoint}"))
         .arg(format!("-image-endpoint={endpoint}"))
@@ -289,22 +304,38 @@ fn run_critest(c: &Containerd, args: &Args, handler: &str, skip: &str) -> anyhow
     if args.parallel > 1 {
         cmd.arg(format!("-parallel={}", args.parallel));
     }
-    if let Some(f) = &args.focus {
+    if let Some(f) = focus.or(args.focus.as_deref()) {
         cmd.arg(format!("-ginkgo.focus={f}"));
     }
     let t = Instant::now();
     eprintln!("conformance: critest with handler {handler} (skip: {skip})");
-    let log = std::fs::File::create(args.out.join(format!("{handler}.log")))?;
+    let log = std::fs::File::create(args.out.join(format!("{name}.log")))?;
     let status = cmd.stdout(log.try_clone()?).stderr(log).status().context("running critest")?;
     eprintln!(
         "conformance: critest {handler} ended ({status}) after {:.0} s; its output: {}",
         t.elapsed().as_secs_f64(),
-        args.out.join(format!("{handler}.log")).display()
+        args.out.join(format!("{name}.log")).display()
     );
     if !report.exists() {
-        bail!("critest {handler} wrote no report ({status}); see {handler}.log");
+        bail!("critest {handler} wrote no report ({status}); see {name}.log");
     }
     Ok(report)
+}
+
+/// Specs runc passed and wisp failed.
+fn failed_where_runc_passed(
+    runc: &BTreeMap<String, (String, String)>,
+    wisp: &BTreeMap<String, (String, String)>,
+) -> Vec<String> {
+    wisp.iter()
+        .filter(|(spec, (ws, _))| short(ws) == "FAIL" && runc.get(*spec).is_some_and(|(rs, _)| short(rs) == "pass"))
+        .map(|(spec, _)| spec.clone())
+        .collect()
+}
+
+/// A ginkgo focus matching exactly these specs' full texts.
+fn focus_on(specs: &[String]) -> String {
+    specs.iter().map(|s| format!("^{}$", regex::escape(s))).collect::<Vec<_>>().join("|")
 }
 
 fn short(state: &str) -> &str {
@@ -329,12 +360,29 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(5));
 
     let vm_skip: Vec<&str> = VM_SKIPS.iter().map(|(re, _)| *re).collect();
-    let runc = run_critest(&c, &args, "runc", IMAGE_GROUPS);
-    let wisp = runc.is_ok().then(|| run_critest(&c, &args, "wisp", &format!("{IMAGE_GROUPS}|{}", vm_skip.join("|"))));
+    let wisp_skip = format!("{IMAGE_GROUPS}|{}", vm_skip.join("|"));
+    let runc = run_critest(&c, &args, "runc", IMAGE_GROUPS, None, "runc");
+    let wisp = runc.is_ok().then(|| run_critest(&c, &args, "wisp", &wisp_skip, None, "wisp"));
+    let runc = results(&runc?)?;
+    let mut wisp = results(&wisp.context("critest for runc failed")??)?;
+    // Inside the emulated KVM host a nested guest now and then triple-faults (an emulator
+    // fault, `tests/kvmhost/README.md`): when one did, the specs wisp failed and runc
+    // passed run once more, and a pass then counts as a pass on a rerun.
+    let mut reruns: BTreeMap<String, String> = BTreeMap::new();
+    let failed = failed_where_runc_passed(&runc, &wisp);
+    if !failed.is_empty() && in_emulated_host() && c.log().contains(TRIPLE_FAULT) {
+        eprintln!("conformance: a nested guest triple-faulted; {} failed spec(s) run once more", failed.len());
+        let again = run_critest(&c, &args, "wisp", &wisp_skip, Some(&focus_on(&failed)), "wisp-rerun");
+        for (spec, (state, _)) in results(&again?)? {
+            if short(&state) == "pass" && failed.contains(&spec) {
+                if let Some((_, first)) = wisp.insert(spec.clone(), (state, String::new())) {
+                    reruns.insert(spec, first);
+                }
+            }
+        }
+    }
     // containerd's log (shim logs included), for what the reports cannot tell.
     std::fs::write(args.out.join("containerd.log"), c.log())?;
-    let runc = results(&runc?)?;
-    let wisp = results(&wisp.context("critest for runc failed")??)?;
     drop(c);
     cni::delete_bridge();
 
@@ -348,11 +396,12 @@ fn main() -> anyhow::Result<()> {
     for spec in specs {
         let (rs, _) = runc.get(spec).map(|(s, m)| (short(s), m.as_str())).unwrap_or(("-", ""));
         let (ws, wm) = wisp.get(spec).map(|(s, m)| (short(s), m.as_str())).unwrap_or(("-", ""));
+        let rerun = reruns.get(spec);
         if rs == "pass" && ws != "pass" && !(ws == "skip" && vm_skip_reason(spec).is_some()) {
             short_of_runc.push(format!("{spec} (wisp: {ws})"));
         }
         *counts.entry(("runc", rs)).or_default() += 1;
-        *counts.entry(("wisp", ws)).or_default() += 1;
+        *counts.entry(("wisp", if rerun.is_some() { "rerun" } else { ws })).or_default() += 1;
         let image_group = matches(IMAGE_GROUPS, spec);
         let reason = match ws {
             "skip" if image_group => {
@@ -360,7 +409,13 @@ fn main() -> anyhow::Result<()> {
             }
             "skip" => vm_skip_reason(spec).map(str::to_string).unwrap_or_else(|| format!("skipped by critest: {wm}")),
             "FAIL" => wm.replace('|', "\\|"),
-            _ => String::new(),
+            _ => match rerun {
+                Some(first) => format!(
+                    "passed on a rerun; the first run failed after a nested guest triple-faulted: {}",
+                    first.replace('|', "\\|")
+                ),
+                None => String::new(),
+            },
         };
         table += &format!("| {} | {rs} | {ws} | {reason} |\n", spec.replace('|', "\\|"));
     }
@@ -368,7 +423,13 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|r| {
             let n = |s| counts.get(&(*r, s)).copied().unwrap_or(0);
-            format!("{r}: {} passed, {} failed, {} skipped", n("pass"), n("FAIL"), n("skip"))
+            format!(
+                "{r}: {} passed, {} passed on a rerun, {} failed, {} skipped",
+                n("pass"),
+                n("rerun"),
+                n("FAIL"),
+                n("skip")
+            )
         })
         .collect();
     std::fs::write(args.out.join("table.md"), &table)?;
@@ -391,6 +452,21 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rerun_focuses_on_exactly_the_specs_wisp_failed_and_runc_passed() {
+        let r = |v: &[(&str, &str)]| -> BTreeMap<String, (String, String)> {
+            v.iter().map(|(k, s)| (k.to_string(), (s.to_string(), String::new()))).collect()
+        };
+        let runc = r(&[("a [x] (y) b", "passed"), ("c", "passed"), ("d", "failed"), ("e", "passed")]);
+        let wisp = r(&[("a [x] (y) b", "failed"), ("c", "passed"), ("d", "failed"), ("e", "skipped")]);
+        let failed = failed_where_runc_passed(&runc, &wisp);
+        assert_eq!(failed, ["a [x] (y) b"]);
+        let focus = focus_on(&failed);
+        assert!(matches(&focus, "a [x] (y) b"));
+        assert!(!matches(&focus, "a [x] (y) b and more"));
+        assert!(!matches(&focus, "c"));
+    }
 
     #[test]
     fn skip_patterns_match_the_specs_they_name() {

@@ -15,12 +15,15 @@ DEB_PACKAGES := containerd runc containernetworking-plugins busybox-static cpio 
 	protobuf-compiler libseccomp-dev flex bison bc libelf-dev libssl-dev \
 	linux-source-6.12 iproute2 file gzip xz-utils util-linux python3 gcc libc6-dev make
 
+# cargo-fuzz, for `make fuzz` (fuzz/README.md).
+CARGO_FUZZ_VERSION := 0.13.2
+
 # relocation-model=static: a plain static executable, not static-pie.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 AGENT_ENV := RUSTFLAGS='$(STATIC_RUSTFLAGS)' LIBSECCOMP_LINK_TYPE=static \
 	LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 
-.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e conformance conformance-smoke bench demo clean
+.PHONY: all deps build agent guest kernel initrd tools install uninstall test unit e2e soak conformance conformance-smoke bench demo fuzz clean
 
 all: build guest
 
@@ -41,6 +44,7 @@ endif
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		$(if $(IS_BOOKWORM),-t bookworm-backports) qemu-system-x86
 	@command -v $(CARGO) >/dev/null || { echo "deps: cargo not found: install Rust >= 1.85 (rustup)" >&2; exit 1; }
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
 
 build: agent
 	$(CARGO) build --release -p wisp-vmm -p wisp-shim
@@ -90,10 +94,12 @@ uninstall:
 	-rmdir $(DESTDIR)$(SHAREDIR) 2>/dev/null
 	@echo "uninstall: left $(DESTDIR)$(CONFDIR)/config.toml in place (remove it by hand if unwanted)"
 
-# Everything CI runs: unit tests, host integration tests, the end-to-end suites in the
-# emulated KVM host (containerd 1.6 and 2.x), and critest's smoke subset (runc and wisp).
-# The full critest run (make conformance) is on demand: see README, Testing.
-test: build guest unit e2e conformance-smoke
+# Everything CI runs: unit tests, host integration tests, every fuzz target for
+# FUZZ_SECONDS (default 10), the end-to-end suites in the emulated KVM host (containerd
+# 1.6 and 2.4, and the soak with reduced counts), and critest's smoke subset (runc and
+# wisp). The full critest run (make conformance), long fuzz runs, the soak's full counts
+# and the containerd 2.3 suites are on demand: see README, Testing.
+test: build guest unit fuzz e2e conformance-smoke
 
 # Tests that need root are #[ignore]d (libtest cannot report a skip); as root they run.
 unit:
@@ -104,6 +110,13 @@ unit:
 e2e: build guest tools
 	tests/kvmhost/selftest.sh
 	tests/e2e.sh
+
+# Many container and pod lifecycles in one containerd (1.6), then no leaks and no lost
+# output; in the emulated KVM host (~45 minutes at the default counts; `make e2e` runs it with
+# 10, 5 and 20). Counts: WISP_SOAK_CTR (default 100), WISP_SOAK_CRI (50),
+# WISP_SOAK_SHORT (200).
+soak: build guest
+	tests/e2e.sh soak soak@2.4
 
 # critest (cri-tools) against containerd 2.x with handler runc, then wisp, in the emulated
 # KVM host; the table goes to target/conformance/table.md.
@@ -117,6 +130,10 @@ conformance-smoke: build guest tools
 # emulated KVM host; the table goes to target/bench/report.md and report.json.
 bench: build guest
 	tests/bench.sh
+
+# libFuzzer targets (fuzz/README.md): FUZZ_SECONDS per target, default 10 (what CI runs).
+fuzz:
+	fuzz/run.sh
 
 # The README's first command: install, then a container in a wisp micro-VM.
 demo: build guest install

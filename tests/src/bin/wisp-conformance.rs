@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 use wisp_tests::containerd::{wisp_config, Containerd, CRI_NAMESPACE};
-use wisp_tests::harness::{in_emulated_host, TRIPLE_FAULT};
+use wisp_tests::harness::emulator_fault;
 use wisp_tests::{cni, go_tool, image};
 
 /// The images critest's container specs use (cri-tools v1.37 `pkg/framework`,
@@ -365,13 +365,14 @@ fn main() -> anyhow::Result<()> {
     let wisp = runc.is_ok().then(|| run_critest(&c, &args, "wisp", &wisp_skip, None, "wisp"));
     let runc = results(&runc?)?;
     let mut wisp = results(&wisp.context("critest for runc failed")??)?;
-    // Inside the emulated KVM host a nested guest now and then triple-faults (an emulator
-    // fault, `tests/kvmhost/README.md`): when one did, the specs wisp failed and runc
-    // passed run once more, and a pass then counts as a pass on a rerun.
+    // Inside the emulated KVM host a nested guest now and then triple-faults or stalls (an
+    // emulator fault, `tests/kvmhost/README.md`): when containerd's log shows one (the
+    // signs the e2e harness reruns a case for), the specs wisp failed and runc passed run
+    // once more, and a pass then counts as a pass on a rerun.
     let mut reruns: BTreeMap<String, String> = BTreeMap::new();
     let failed = failed_where_runc_passed(&runc, &wisp);
-    if !failed.is_empty() && in_emulated_host() && c.log().contains(TRIPLE_FAULT) {
-        eprintln!("conformance: a nested guest triple-faulted; {} failed spec(s) run once more", failed.len());
+    if !failed.is_empty() && emulator_fault(&c.log()) {
+        eprintln!("conformance: a nested guest triple-faulted or stalled; {} failed spec(s) run once more", failed.len());
         let again = run_critest(&c, &args, "wisp", &wisp_skip, Some(&focus_on(&failed)), "wisp-rerun");
         for (spec, (state, _)) in results(&again?)? {
             if short(&state) == "pass" && failed.contains(&spec) {
@@ -411,7 +412,7 @@ fn main() -> anyhow::Result<()> {
             "FAIL" => wm.replace('|', "\\|"),
             _ => match rerun {
                 Some(first) => format!(
-                    "passed on a rerun; the first run failed after a nested guest triple-faulted: {}",
+                    "passed on a rerun; the first run failed after a nested guest triple-faulted or stalled: {}",
                     first.replace('|', "\\|")
                 ),
                 None => String::new(),

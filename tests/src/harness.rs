@@ -118,7 +118,7 @@ impl Suite {
             if let Ok(Err(e)) = &res {
                 let first = format!("{e:#}");
                 if rerun_after(&first, emulated) {
-                    println!("test {name} ... a nested guest triple-faulted or stalled in boot (emulated host); running it again");
+                    println!("test {name} ... a nested guest triple-faulted or stalled (emulated host); running it again");
                     reruns.push((name.clone(), first));
                     res = catch_unwind(AssertUnwindSafe(&f));
                 }
@@ -163,7 +163,7 @@ impl Suite {
             println!("\n---- {name} ----\n{msg}");
         }
         for (name, msg) in &reruns {
-            println!("\n---- {name}: the first run, rerun after a nested triple fault ----\n{msg}");
+            println!("\n---- {name}: the first run, rerun after a nested guest fault ----\n{msg}");
         }
         println!();
         // One line per failure, next to the summary: a log cut to its head and tail (as
@@ -175,7 +175,7 @@ impl Suite {
             println!("{}: SKIPPED {name}: {}", self.name, first_line(why));
         }
         if !reruns.is_empty() {
-            println!("{}: {} case(s) rerun after a nested triple fault (listed above)", self.name, reruns.len());
+            println!("{}: {} case(s) rerun after a nested guest fault (listed above)", self.name, reruns.len());
         }
         println!(
             "{}: {passed} passed, {rerun_passed} passed on a rerun, {failed} failed, {skipped} skipped",

@@ -50,7 +50,7 @@ summary() {
 
 if [ "${1:-}" = "--inside" ]; then
     shift
-    passed=0 reran=0 failed=0 skipped=0 broken=0 unexpected=0
+    passed=0 reran=0 failed=0 skipped=0 broken=0 unexpected=0 sick=false
     read -r -a filters <<<"${WISP_E2E_FILTER:-}"
     for bin in "$@"; do
         log=$(mktemp)
@@ -58,6 +58,8 @@ if [ "${1:-}" = "--inside" ]; then
         "$bin" "${filters[@]}" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         set -e
+        # 122: the suite stopped because the emulated host went sick (tests/src/harness.rs).
+        [ "$rc" != 122 ] || sick=true
         line=$(grep -E "$SUMMARY_RE" "$log" | tail -n 1 || true)
         skips=$(grep -E '^[a-z_0-9]+: SKIPPED ' "$log" || true)
         rm -f "$log"
@@ -90,6 +92,7 @@ if [ "${1:-}" = "--inside" ]; then
     fi
     echo
     summary
+    ! $sick || exit 122
     [ "$failed" = 0 ]
     exit
 fi
@@ -179,9 +182,11 @@ IDLE_TIMEOUT=${WISP_E2E_IDLE_TIMEOUT:-600}
 # dies or it freezes (kvmhost exit status 123: a panic, a reset or a stall of the
 # emulator's guest, not a test result) only that suite is affected: it runs again in a fresh emulated host (at most
 # twice: sustained nested load kills it more than once in a while, see
-# tests/kvmhost/README.md), and the last run's result is the one counted. Deaths are
-# reported, never hidden.
-passed=0 reran=0 failed=0 skipped=0 deaths=() failed_cases=()
+# tests/kvmhost/README.md), and the last run's result is the one counted. So does a suite
+# that stopped because its host went sick (status 122: a case and its rerun both met a
+# nested-guest fault; tests/src/harness.rs). Deaths and sick hosts are reported, never
+# hidden.
+passed=0 reran=0 failed=0 skipped=0 deaths=() sick=() failed_cases=()
 for r in "${runs[@]}"; do
     read -r suite bin ctd <<<"$r"
     for attempt in 1 2 3; do
@@ -199,6 +204,11 @@ for r in "${runs[@]}"; do
             echo "e2e: the emulated host died while suite $suite ran (its console is above); running $suite again in a fresh emulated host" >&2
             continue
         fi
+        if [ "$rc" = 122 ] && [ "$attempt" -lt 3 ]; then
+            sick+=("$suite")
+            echo "e2e: the emulated host went sick while suite $suite ran (the failures above); running $suite again in a fresh emulated host" >&2
+            continue
+        fi
         break
     done
     [ -z "$failures" ] || failed_cases+=("$(sed "s/^[a-z_0-9]*:/$suite:/" <<<"$failures")")
@@ -213,6 +223,7 @@ echo
 # What failed, once more at the end: a log cut to its tail still names it.
 [ ${#failed_cases[@]} = 0 ] || printf '%s\n' "${failed_cases[@]}"
 [ ${#deaths[@]} = 0 ] || echo "e2e: the emulated host died ${#deaths[@]} time(s), in: ${deaths[*]} (each death's suite was rerun; the reruns are counted)"
+[ ${#sick[@]} = 0 ] || echo "e2e: the emulated host went sick ${#sick[@]} time(s), in: ${sick[*]} (each such suite was rerun; the reruns are counted)"
 summary
 [ "$failed" = 0 ]
 exit

@@ -3,7 +3,7 @@
 
 The seeds are valid (or deliberately borderline) inputs that get each target past its
 first checks; libFuzzer mutates from there. The device targets' encoding (queues as
-descriptor records, then the data blob) is `wisp_fuzz::Ring::load` (fuzz/src/lib.rs).
+descriptor records, then the data blob) is `wisp_fuzz::load_ring` (fuzz/src/lib.rs).
 Run it again after changing an encoding: `python3 fuzz/corpus/seeds.py`.
 """
 

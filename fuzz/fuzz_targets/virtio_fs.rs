@@ -3,7 +3,7 @@
 //! wisp's `GuardedFs`) over a fresh temporary share holding a file, a directory and a
 //! symlink that points out of the share. Input: flags u8 (bit 0 read-only share, bit 1
 //! EVENT_IDX), for the hiprio queue and then the request queue a size selector u8 and
-//! an encoded queue (`wisp_fuzz::Ring::load`), then the data blob (the FUSE requests and
+//! an encoded queue (`wisp_fuzz::load_ring`), then the data blob (the FUSE requests and
 //! room for replies). Files the guest grows are capped at 64 MiB (RLIMIT_FSIZE).
 //! Properties: no panic; nothing outside the share changes; a read-only share does not
 //! change.
@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use wisp_fuzz::{guest_memory, queue_size, write_data, CountingInterrupt, Input, Ring};
+use wisp_fuzz::{guest_memory, load_ring, queue_size, ring, write_data, CountingInterrupt, Input};
 use wisp_vmm::devices::virtio::fs::{SharedDir, SharedDirConfig, HIPRIO_QUEUE_SIZE, QUEUE_SIZE};
 use wisp_vmm::devices::virtio::VirtioDevice;
 
@@ -44,10 +44,10 @@ fuzz_target!(|data: &[u8]| {
     let read_only = flags & 1 != 0;
     let event_idx = flags & 2 != 0;
     let mem = guest_memory();
-    let hiprio = Ring::new(&mem, 0, queue_size(input.u8(), HIPRIO_QUEUE_SIZE));
-    hiprio.load(&mut input);
-    let requests = Ring::new(&mem, 1, queue_size(input.u8(), QUEUE_SIZE));
-    requests.load(&mut input);
+    let hiprio = ring(&mem, 0, queue_size(input.u8(), HIPRIO_QUEUE_SIZE));
+    load_ring(&hiprio, &mut input);
+    let requests = ring(&mem, 1, queue_size(input.u8(), QUEUE_SIZE));
+    load_ring(&requests, &mut input);
     write_data(&mem, input.rest());
 
     let top = tempfile::tempdir_in(wisp_fuzz::scratch_dir()).unwrap();
@@ -66,7 +66,12 @@ fuzz_target!(|data: &[u8]| {
     let mut dev = SharedDir::new(&config).unwrap();
     dev.set_acked_features(dev.avail_features());
     let interrupt = Arc::new(CountingInterrupt::default());
-    dev.activate(mem.clone(), interrupt, vec![hiprio.queue(event_idx), requests.queue(event_idx)]).unwrap();
+    dev.activate(
+        mem.clone(),
+        interrupt,
+        vec![hiprio.queue_with_event_idx(event_idx), requests.queue_with_event_idx(event_idx)],
+    )
+    .unwrap();
     for _ in 0..2 {
         dev.handle_queue_event(0);
         dev.handle_queue_event(1);

@@ -2,7 +2,7 @@
 //! a real virtio-blk device: the input is a sequence of guest operations, in any order:
 //! register reads and writes (any offset, any width), Linux-style "add status bit",
 //! queue setup with a sane or a fuzzed layout, writes to guest memory, queue contents
-//! (`wisp_fuzz::Ring::load`) and kicks served by the device. Properties: no panic; the
+//! (`wisp_fuzz::load_ring`) and kicks served by the device. Properties: no panic; the
 //! device is active exactly when the status has DRIVER_OK without NEEDS_RESET; the status
 //! never shows a bit without the bits before it.
 #![no_main]
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use wisp_fuzz::{guest_memory, queue_size, Input, Ring, MEM_SIZE};
+use wisp_fuzz::{guest_memory, load_ring, queue_size, ring, Input, MEM_SIZE};
 use wisp_vmm::devices::bus::BusDevice;
 use wisp_vmm::devices::virtio::block::Block;
 use wisp_vmm::devices::virtio::mmio::MmioTransport;
@@ -110,8 +110,8 @@ fuzz_target!(|data: &[u8]| {
                 write32(&mut t, QUEUE_SEL, 0);
                 write32(&mut t, QUEUE_NUM, size);
                 let (desc, avail, used) = if sane {
-                    let r = Ring::new(&mem, 0, u16::try_from(size).unwrap_or(1).max(1));
-                    (r.desc, r.avail, r.used)
+                    let r = ring(&mem, 0, u16::try_from(size).unwrap_or(1).max(1));
+                    r.addresses()
                 } else {
                     (input.u64(), input.u64(), input.u64())
                 };
@@ -122,7 +122,7 @@ fuzz_target!(|data: &[u8]| {
             }
             8 => {
                 // Queue contents, laid out as `Ring` lays out a queue of the size given.
-                Ring::new(&mem, 0, queue_size(input.u8(), 256)).load(&mut input);
+                load_ring(&ring(&mem, 0, queue_size(input.u8(), 256)), &mut input);
             }
             _ => {
                 let addr = u64::from(input.u32()) % MEM_SIZE as u64;

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
-use wisp_fuzz::{guest_memory, pump, queue_size, seqpacket_pair, write_data, CountingInterrupt, Input, Ring};
+use wisp_fuzz::{
+    guest_memory, load_ring, pump, queue_size, ring, seqpacket_pair, write_data, CountingInterrupt, Input,
+};
 use wisp_vmm::devices::virtio::net::{Net, TapLink, MAX_TX_CHAIN_LEN, QUEUE_SIZE};
 use wisp_vmm::devices::virtio::VirtioDevice;
 
@@ -69,10 +71,10 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let mem = guest_memory();
-    let rx = Ring::new(&mem, 0, queue_size(input.u8(), QUEUE_SIZE));
-    rx.load(&mut input);
-    let tx = Ring::new(&mem, 1, queue_size(input.u8(), QUEUE_SIZE));
-    tx.load(&mut input);
+    let rx = ring(&mem, 0, queue_size(input.u8(), QUEUE_SIZE));
+    load_ring(&rx, &mut input);
+    let tx = ring(&mem, 1, queue_size(input.u8(), QUEUE_SIZE));
+    load_ring(&tx, &mut input);
     write_data(&mem, input.rest());
 
     let (dev_end, host) = seqpacket_pair();
@@ -89,7 +91,12 @@ fuzz_target!(|data: &[u8]| {
         event_idx = accepted & (1 << 29) != 0;
         dev.set_acked_features(accepted);
         let interrupt = Arc::new(CountingInterrupt::default());
-        dev.activate(mem.clone(), interrupt, vec![rx.queue(event_idx), tx.queue(event_idx)]).unwrap();
+        dev.activate(
+            mem.clone(),
+            interrupt,
+            vec![rx.queue_with_event_idx(event_idx), tx.queue_with_event_idx(event_idx)],
+        )
+        .unwrap();
     }
     pump(&mut events);
     for frame in &frames {

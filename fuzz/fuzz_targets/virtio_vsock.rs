@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
-use wisp_fuzz::{guest_memory, pump, queue_size, write_data, CountingInterrupt, Input, Ring};
+use wisp_fuzz::{guest_memory, load_ring, pump, queue_size, ring, write_data, CountingInterrupt, Input};
 use wisp_vmm::devices::virtio::vsock::Vsock;
 use wisp_vmm::devices::virtio::VirtioDevice;
 
@@ -28,11 +28,11 @@ fuzz_target!(|data: &[u8]| {
     let event_idx = flags & 2 != 0;
     let client_port = input.u32();
     let mem = guest_memory();
-    let rx = Ring::new(&mem, 0, queue_size(input.u8(), QUEUE_SIZE));
-    rx.load(&mut input);
-    let tx = Ring::new(&mem, 1, queue_size(input.u8(), QUEUE_SIZE));
-    tx.load(&mut input);
-    let event = Ring::new(&mem, 2, 16);
+    let rx = ring(&mem, 0, queue_size(input.u8(), QUEUE_SIZE));
+    load_ring(&rx, &mut input);
+    let tx = ring(&mem, 1, queue_size(input.u8(), QUEUE_SIZE));
+    load_ring(&tx, &mut input);
+    let event = ring(&mem, 2, 16);
     write_data(&mem, input.rest());
 
     let dir = tempfile::tempdir_in(wisp_fuzz::scratch_dir()).unwrap();
@@ -47,7 +47,11 @@ fuzz_target!(|data: &[u8]| {
         let features = dev.avail_features();
         dev.set_acked_features(features);
         let interrupt = Arc::new(CountingInterrupt::default());
-        let queues = vec![rx.queue(event_idx), tx.queue(event_idx), event.queue(event_idx)];
+        let queues = vec![
+            rx.queue_with_event_idx(event_idx),
+            tx.queue_with_event_idx(event_idx),
+            event.queue_with_event_idx(event_idx),
+        ];
         dev.activate(mem.clone(), interrupt, queues).unwrap();
     }
     let _client = (flags & 1 != 0).then(|| {

@@ -1,7 +1,8 @@
 //! Helpers shared by wisp's fuzz targets: a reader over the fuzzer's bytes, process setup,
-//! and a hostile "guest driver" that lays out split virtqueues in guest memory from those
-//! bytes, the way the devices' unit tests do (descriptor table, avail ring, used ring,
-//! nothing overlapping) but with every descriptor field under the fuzzer's control.
+//! and a hostile "guest driver" that fills split virtqueues from those bytes. The queues
+//! are the devices' unit tests' own (`wisp_vmm::devices::virtio::test_utils::GuestRing`,
+//! built with wisp-vmm's `test-utils` feature: descriptor table, avail ring, used ring,
+//! nothing overlapping), with every descriptor field under the fuzzer's control.
 //!
 //! Queue encoding (one per queue a target drives; see README.md and corpus/seeds.py):
 //!
@@ -18,10 +19,8 @@
 //!
 //! After the queues comes the data blob, copied to `DATA_BASE`.
 
-use std::os::fd::{FromRawFd, OwnedFd};
-
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use wisp_vmm::devices::virtio::{Queue, QueueT};
+pub use wisp_vmm::devices::virtio::test_utils::{seqpacket_pair, GuestRing};
 
 /// Guest RAM of every device target.
 pub const MEM_SIZE: usize = 4 << 20;
@@ -125,113 +124,41 @@ pub fn write_data(mem: &GuestMemoryMmap, data: &[u8]) {
     mem.write_slice(data, GuestAddress(DATA_BASE)).expect("data blob fits");
 }
 
-/// A split virtqueue as a driver lays it out: descriptor table, avail ring, used ring.
-pub struct Ring {
-    mem: GuestMemoryMmap,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    pub size: u16,
+/// Queue `index` of `size` entries (a power of two) at `index * QUEUE_STRIDE`, laid out
+/// as the devices' unit tests lay it out (`GuestRing`).
+pub fn ring(mem: &GuestMemoryMmap, index: usize, size: u16) -> GuestRing {
+    GuestRing::new(mem, index as u64 * QUEUE_STRIDE, size)
 }
 
-impl Ring {
-    /// Queue `index` of `size` entries (a power of two) at `index * QUEUE_STRIDE`.
-    pub fn new(mem: &GuestMemoryMmap, index: usize, size: u16) -> Self {
-        let desc = index as u64 * QUEUE_STRIDE;
-        let avail = desc + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        Self { mem: mem.clone(), desc, avail, used, size }
+/// Reads one fuzzer-encoded queue (see the module documentation) into `ring`.
+pub fn load_ring(ring: &GuestRing, input: &mut Input<'_>) {
+    let n_desc = u16::from(input.u8()).min(ring.size());
+    for index in 0..n_desc {
+        let code = input.u16();
+        let len = input.u16();
+        let flags = input.u8();
+        let next = input.u8();
+        let addr = if code < 0xff00 {
+            DATA_BASE + 16 * u64::from(code)
+        } else {
+            SPECIAL_ADDRS[usize::from(code & 0xff) % SPECIAL_ADDRS.len()]
+        };
+        let len = if flags & 0x10 != 0 {
+            0xffff_0000 | u32::from(len)
+        } else if flags & 0x08 != 0 {
+            u32::from(len) << 8
+        } else {
+            u32::from(len)
+        };
+        ring.set_desc(index, addr, len, u16::from(flags & 0x7), u16::from(next));
     }
-
-    /// The device side, set up and ready, as the transport hands it over.
-    pub fn queue(&self, event_idx: bool) -> Queue {
-        let mut queue = Queue::new(self.size).expect("power-of-two size");
-        queue.set_size(self.size);
-        queue.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        queue.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        queue
+    let n_avail = input.u8();
+    for _ in 0..n_avail {
+        let head = input.u8();
+        ring.offer(u16::from(head));
     }
-
-    pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(self.desc + 16 * u64::from(index));
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, at).expect("descriptor table in memory");
-    }
-
-    pub fn avail_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.avail + 2)).expect("avail ring in memory")
-    }
-
-    pub fn set_avail_idx(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.avail + 2)).expect("avail ring in memory");
-    }
-
-    /// Puts `head` in the next avail ring slot and publishes it.
-    pub fn offer(&self, head: u16) {
-        let idx = self.avail_idx();
-        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
-        self.mem.write_obj(head, GuestAddress(slot)).expect("avail ring in memory");
-        self.set_avail_idx(idx.wrapping_add(1));
-    }
-
-    pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).expect("used ring in memory")
-    }
-
-    /// Reads one fuzzer-encoded queue (see the module documentation) into this ring.
-    pub fn load(&self, input: &mut Input<'_>) {
-        let n_desc = u16::from(input.u8()).min(self.size);
-        for index in 0..n_desc {
-            let code = input.u16();
-            let len = input.u16();
-            let flags = input.u8();
-            let next = input.u8();
-            let addr = if code < 0xff00 {
-                DATA_BASE + 16 * u64::from(code)
-            } else {
-                SPECIAL_ADDRS[usize::from(code & 0xff) % SPECIAL_ADDRS.len()]
-            };
-            let len = if flags & 0x10 != 0 {
-                0xffff_0000 | u32::from(len)
-            } else if flags & 0x08 != 0 {
-                u32::from(len) << 8
-            } else {
-                u32::from(len)
-            };
-            self.set_desc(index, addr, len, u16::from(flags & 0x7), u16::from(next));
-        }
-        let n_avail = input.u8();
-        for _ in 0..n_avail {
-            let head = input.u8();
-            self.offer(u16::from(head));
-        }
-        let bump = input.u8();
-        self.set_avail_idx(self.avail_idx().wrapping_add(u16::from(bump)));
-    }
-}
-
-/// A connected, non-blocking SOCK_SEQPACKET pair (a fake tap's two ends).
-pub fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`, which has room for them.
-    let ret = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(ret, 0, "socketpair: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    let bump = input.u8();
+    ring.set_avail_idx(ring.avail_idx().wrapping_add(u16::from(bump)));
 }
 
 /// An `Interrupt` that only counts.

@@ -65,8 +65,7 @@ pub const SICK_HOST_STATUS: i32 = 122;
 /// its own hangs on the rerun too, and a rerun is always reported.
 fn rerun_after(failure: &str, emulated: bool) -> bool {
     let kernel_stalled = failure.contains(KERNEL_BANNER) && !failure.contains(KERNEL_STARTS_INIT);
-    let guest_silent =
-        stalled_after_init(failure) || failure.contains(PORT_SILENT) || failure.contains(RPC_SILENT);
+    let guest_silent = stalled_after_init(failure) || failure.contains(PORT_SILENT) || failure.contains(RPC_SILENT);
     emulated && (failure.contains(TRIPLE_FAULT) || kernel_stalled || guest_silent)
 }
 
@@ -138,13 +137,18 @@ impl Suite {
             if let Ok(Err(e)) = &res {
                 let first = format!("{e:#}");
                 if rerun_after(&first, emulated) {
-                    println!("test {name} ... a nested guest triple-faulted or stalled (emulated host); running it again");
+                    println!(
+                        "test {name} ... a nested guest triple-faulted or stalled (emulated host); running it again"
+                    );
                     reruns.push((name.clone(), first));
                     res = catch_unwind(AssertUnwindSafe(&f));
                     if let Ok(Err(e)) = &res {
                         let second = format!("{e:#}");
                         if rerun_after(&second, emulated) {
-                            sick = Some(format!("{name} met a nested-guest fault on its run and on its rerun: {}", first_line(&second)));
+                            sick = Some(format!(
+                                "{name} met a nested-guest fault on its run and on its rerun: {}",
+                                first_line(&second)
+                            ));
                         }
                     }
                 }
@@ -289,7 +293,10 @@ mod tests {
 
     #[test]
     fn a_failure_is_summed_up_by_its_first_line() {
-        assert_eq!(first_line("\nnerdctl [\"exec\"] exited 1: boom\n--- containerd log ---\n..."), "nerdctl [\"exec\"] exited 1: boom");
+        assert_eq!(
+            first_line("\nnerdctl [\"exec\"] exited 1: boom\n--- containerd log ---\n..."),
+            "nerdctl [\"exec\"] exited 1: boom"
+        );
         assert_eq!(first_line(""), "(no message)");
         let long = format!("{}{}{}", "h".repeat(120), "x".repeat(100), "t".repeat(240));
         assert_eq!(first_line(&long), format!("{} […] {}", "h".repeat(120), "t".repeat(240)));
@@ -327,7 +334,10 @@ mod tests {
         assert!(!rerun_after(log, false), "on hardware KVM a silent agent is a failure");
         // The guest printed something after /init started (an agent error, a panic): its
         // own failure, not a stall.
-        let spoke = log.replace("Run /init as init process?\"", "Run /init as init process?\nwisp-agent: fatal: mounting /proc: EPERM\"");
+        let spoke = log.replace(
+            "Run /init as init process?\"",
+            "Run /init as init process?\nwisp-agent: fatal: mounting /proc: EPERM\"",
+        );
         assert!(!rerun_after(&spoke, true));
         // The same console in another failure (the VM ended) is not the agent's silence.
         let ended = log.replace(AGENT_SILENT, "the VM ended before the agent answered");
@@ -351,7 +361,8 @@ mod tests {
                       agent CreateContainer: ttrpc err: Receive packet from Receiver timeout: timed out waiting on channel: unknown";
         assert!(rerun_after(create, true));
         assert!(!rerun_after(create, false));
-        let refused = "agent CreateContainer: ttrpc err: rpc status: Status { code: INVALID_ARGUMENT, message: \"bad spec\" }";
+        let refused =
+            "agent CreateContainer: ttrpc err: rpc status: Status { code: INVALID_ARGUMENT, message: \"bad spec\" }";
         assert!(!rerun_after(refused, true), "an agent that answered failed on its own");
     }
 }

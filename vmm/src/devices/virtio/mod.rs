@@ -11,7 +11,7 @@
 //! error status or by dropping the request, never with a panic.
 
 pub mod mmio;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
 use std::io;

@@ -13,17 +13,16 @@ use fuse_backend_rs::abi::fuse_abi::{
     OutHeader, ReadIn, ReleaseIn, SetattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
 };
 use fuse_backend_rs::api::filesystem::FsOptions;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{SharedDir, SharedDirConfig};
+pub use crate::devices::virtio::test_utils::GuestRing;
 use crate::devices::virtio::test_utils::{guest_memory, RecordingInterrupt};
-use crate::devices::virtio::{Queue, QueueT, VirtioDevice};
+use crate::devices::virtio::VirtioDevice;
 
 pub const READ: u16 = 0;
 pub const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
 /// Where the rings live (hiprio, then request queues, 16 KiB apart).
 const RING_BASE: u64 = 0;
@@ -38,69 +37,6 @@ pub const REPLY: u64 = 0x20_0000;
 pub const REPLY_CAP: u32 = 0x10_1000;
 /// The queue requests go to.
 pub const REQUEST_QUEUE: usize = 1;
-
-/// A split virtqueue as a driver lays it out.
-pub struct GuestRing {
-    mem: GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-}
-
-impl GuestRing {
-    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let avail = base + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        for addr in [avail, avail + 2, used, used + 2] {
-            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
-        }
-        Self { mem: mem.clone(), desc: base, avail, used, size }
-    }
-
-    /// The device side, set up and ready, as the transport hands it over.
-    pub fn queue(&self) -> Queue {
-        let mut queue = Queue::new(self.size).unwrap();
-        queue.set_size(self.size);
-        queue.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        queue.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        queue.set_ready(true);
-        queue
-    }
-
-    pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-        self.mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(index))).unwrap();
-    }
-
-    /// Writes `descs` as one chain starting at descriptor `first` and offers it.
-    pub fn add_chain(&self, first: u16, descs: &[(u64, u32, u16)]) {
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let index = first + i as u16;
-            let flags = if i + 1 < descs.len() { flags | NEXT } else { flags };
-            self.set_desc(index, addr, len, flags, index + 1);
-        }
-        self.offer(first);
-    }
-
-    pub fn offer(&self, head: u16) {
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2)).unwrap();
-    }
-
-    pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    /// Used ring entry number `n` (counting since creation): (head index, length).
-    pub fn used_elem(&self, n: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(n % self.size);
-        (self.mem.read_obj(GuestAddress(at)).unwrap(), self.mem.read_obj(GuestAddress(at + 4)).unwrap())
-    }
-}
 
 /// A FUSE reply: `Err(errno)` for an error header, else the bytes after the header.
 pub type Reply = Result<Vec<u8>, i32>;
@@ -151,7 +87,7 @@ impl FuseDriver {
     pub fn submit(&mut self, queue: usize, descs: &[(u64, u32, u16)]) -> u32 {
         let ring = &self.rings[queue];
         let before = ring.used_idx();
-        ring.add_chain(0, descs);
+        ring.add_chain_at(0, descs);
         self.dev.handle_queue_event(queue);
         let ring = &self.rings[queue];
         assert_eq!(ring.used_idx(), before.wrapping_add(1), "the device did not return the chain");

@@ -457,7 +457,7 @@ fn each_wakeup_has_a_budget_and_rearms_itself() {
     request.extend_from_slice(&[0; 16]);
     d.mem.write_slice(&request, GuestAddress(REQ)).unwrap();
     for i in 0..n {
-        ring.add_chain(2 * i, &[(REQ, 56, READ), (REPLY + 0x100 * u64::from(i), 0x100, WRITE)]);
+        ring.add_chain_at(2 * i, &[(REQ, 56, READ), (REPLY + 0x100 * u64::from(i), 0x100, WRITE)]);
     }
     d.dev.handle_queue_event(REQUEST_QUEUE);
     let ring = &d.rings[REQUEST_QUEUE];
@@ -503,7 +503,7 @@ fn served_from_the_event_manager() {
     let mut init = header(Opcode::Init as u32, 5, 56);
     init.extend_from_slice(&[KERNEL_VERSION, 33, 0, 0].map(u32::to_le_bytes).concat());
     mem.write_slice(&init, GuestAddress(REQ)).unwrap();
-    rings[1].add_chain(0, &[(REQ, 56, READ), (REPLY, 4096, WRITE)]);
+    rings[1].add_chain_at(0, &[(REQ, 56, READ), (REPLY, 4096, WRITE)]);
     dev.lock().unwrap().queue_events()[1].write(1).unwrap();
     assert_eq!(events.run_with_timeout(1000).unwrap(), 1);
     assert_eq!(rings[1].used_idx(), 1);
@@ -547,7 +547,7 @@ fn a_panic_in_the_server_becomes_an_eio_reply() {
     let mut lookup = header(Opcode::Lookup as u32, 42, 44);
     lookup.extend_from_slice(&cstr("boo"));
     mem.write_slice(&lookup, GuestAddress(REQ)).unwrap();
-    ring.add_chain(0, &[(REQ, 44, READ), (REPLY, 4096, WRITE)]);
+    ring.add_chain_at(0, &[(REQ, 44, READ), (REPLY, 4096, WRITE)]);
     let chain = queue.pop_descriptor_chain(&mem).unwrap();
     let served = request::serve(&server, &mem, chain);
     assert!(matches!(served.problem, Some(BadRequest::Panicked { opcode: 1, .. })));
@@ -558,7 +558,7 @@ fn a_panic_in_the_server_becomes_an_eio_reply() {
     let mut getattr = header(Opcode::Getattr as u32, 43, 56);
     getattr.extend_from_slice(&[0; 16]);
     mem.write_slice(&getattr, GuestAddress(REQ)).unwrap();
-    ring.add_chain(0, &[(REQ, 56, READ), (REPLY, 4096, WRITE)]);
+    ring.add_chain_at(0, &[(REQ, 56, READ), (REPLY, 4096, WRITE)]);
     let chain = queue.pop_descriptor_chain(&mem).unwrap();
     let served = request::serve(&server, &mem, chain);
     assert!(served.problem.is_none());

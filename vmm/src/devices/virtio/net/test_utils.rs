@@ -10,18 +10,18 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::{RXQ, TXQ};
 use super::{Net, TapLink, VNET_HDR_LEN};
 use crate::devices::virtio::test_utils::RecordingInterrupt;
-use crate::devices::virtio::{Queue, QueueT, VirtioDevice};
+pub use crate::devices::virtio::test_utils::{seqpacket_pair, GuestRing};
+use crate::devices::virtio::VirtioDevice;
 
 /// Descriptor flags: device-readable (TX) and device-writable (RX) buffers.
 pub const READ: u16 = 0;
@@ -59,127 +59,6 @@ impl TapLink for FakeTap {
         }
         self.offloads.lock().unwrap().push(flags);
         Ok(())
-    }
-}
-
-/// A connected SOCK_SEQPACKET pair, both ends non-blocking: (device end, host end).
-pub fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`, which has room for them.
-    let ret = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(ret, 0, "socketpair: {}", io::Error::last_os_error());
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// A split virtqueue as a driver lays it out.
-pub struct GuestRing {
-    mem: GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    pub size: u16,
-    next_desc: u16,
-    used_seen: u16,
-}
-
-impl GuestRing {
-    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let avail = base + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        let ring = Self { mem: mem.clone(), desc: base, avail, used, size, next_desc: 0, used_seen: 0 };
-        // Flags, index and event fields of both rings start at zero.
-        mem.write_slice(&vec![0u8; 6 + 2 * usize::from(size)], GuestAddress(avail)).unwrap();
-        mem.write_slice(&vec![0u8; 6 + 8 * usize::from(size)], GuestAddress(used)).unwrap();
-        ring
-    }
-
-    /// The device side, set up and ready, as the transport hands it over.
-    pub fn queue(&self, event_idx: bool) -> Queue {
-        let mut queue = Queue::new(self.size).unwrap();
-        queue.set_size(self.size);
-        queue.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        queue.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        queue
-    }
-
-    pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-        self.mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(index))).unwrap();
-    }
-
-    /// Writes `descs` as one chain into the next free table slots (linked with NEXT) and
-    /// offers it. Returns the head index.
-    pub fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let index = (head + i as u16) % self.size;
-            let next = (index + 1) % self.size;
-            let flags = if i + 1 < descs.len() { flags | NEXT } else { flags };
-            self.set_desc(index, addr, len, flags, next);
-        }
-        self.next_desc = (head + descs.len() as u16) % self.size;
-        self.offer(head);
-        head
-    }
-
-    /// Puts `head` in the next avail ring slot and publishes it.
-    pub fn offer(&self, head: u16) {
-        let idx = self.avail_idx();
-        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2)).unwrap();
-    }
-
-    pub fn avail_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap()
-    }
-
-    /// Overwrites the avail index (to corrupt the ring).
-    pub fn set_avail_idx(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
-    }
-
-    pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    /// The used ring's flags (VRING_USED_F_NO_NOTIFY).
-    pub fn used_flags(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used)).unwrap()
-    }
-
-    /// EVENT_IDX: the driver wants an interrupt once the used index passes `idx`.
-    pub fn set_used_event(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.avail + 4 + 2 * u64::from(self.size))).unwrap();
-    }
-
-    /// EVENT_IDX: the device wants a kick once the avail index passes this.
-    pub fn avail_event(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(self.size))).unwrap()
-    }
-
-    /// Used ring entries added since the last call: (head index, length).
-    pub fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let mut out = Vec::new();
-        while self.used_seen != self.used_idx() {
-            let at = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((u16::try_from(id).unwrap(), len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
     }
 }
 
@@ -266,7 +145,7 @@ impl TestNet {
 
     /// Activates the device with the current rings, as the transport would.
     pub fn activate(&mut self) {
-        let queues = vec![self.rx.queue(self.event_idx), self.tx.queue(self.event_idx)];
+        let queues = vec![self.rx.queue_with_event_idx(self.event_idx), self.tx.queue_with_event_idx(self.event_idx)];
         self.device.lock().unwrap().activate(self.mem.clone(), self.interrupt.clone(), queues).unwrap();
         self.pump();
     }
@@ -275,7 +154,7 @@ impl TestNet {
     pub fn reset_and_reactivate(&mut self) {
         assert!(self.device.lock().unwrap().reset());
         self.pump();
-        let size = self.rx.size;
+        let size = self.rx.size();
         self.rx = GuestRing::new(&self.mem, RING_BASES[RXQ], size);
         self.tx = GuestRing::new(&self.mem, RING_BASES[TXQ], size);
         self.rx_posted.clear();

@@ -127,7 +127,7 @@ fn tap_offloads_follow_the_accepted_guest_features() {
 fn activation_needs_two_queues_and_working_offloads() {
     let mut t = TestNet::with(Options { activate: false, ..Options::default() });
     let mem = t.mem.clone();
-    let err = t.device.lock().unwrap().activate(mem.clone(), RecordingInterrupt::new(), vec![t.rx.queue(false)]);
+    let err = t.device.lock().unwrap().activate(mem.clone(), RecordingInterrupt::new(), vec![t.rx.queue()]);
     assert!(matches!(err, Err(ActivateError::QueueCount { got: 1, want: 2 })));
     assert!(!t.device.lock().unwrap().is_activated());
     t.activate();

@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::device::{Vsock, RXQ, TXQ};
 use super::packet::{PacketHeader, TYPE_STREAM};
 use super::{Timeouts, VSOCK_HOST_CID};
+use crate::devices::virtio::test_utils::GuestRing;
 use crate::devices::virtio::{Interrupt, InterruptKind, Queue, QueueT, VirtioDevice};
 
 pub const GUEST_CID: u64 = 3;
@@ -53,7 +54,10 @@ pub fn leak_memory() -> &'static GuestMemoryMmap {
 }
 
 /// A descriptor chain of `(addr, len, flags)` descriptors, as a device pops it.
-pub fn guest_chain(mem: &'static GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> DescriptorChain<&'static GuestMemoryMmap> {
+pub fn guest_chain(
+    mem: &'static GuestMemoryMmap,
+    descs: &[(u64, u32, u16)],
+) -> DescriptorChain<&'static GuestMemoryMmap> {
     let mock = MockSplitQueue::create(mem, GuestAddress(SCRATCH_QUEUE), 16);
     let raw: Vec<RawDescriptor> = descs
         .iter()
@@ -89,70 +93,6 @@ impl Interrupt for RecordingInterrupt {
         assert_eq!(kind, InterruptKind::Queue);
         self.raised.fetch_add(1, Ordering::SeqCst);
         Ok(())
-    }
-}
-
-/// A split virtqueue as the guest driver lays it out: descriptor table, then the avail
-/// ring, then the used ring. (`MockSplitQueue::create` puts the used ring inside the
-/// avail ring of large queues (`SplitQueueRing::end` adds the entry count, not bytes),
-/// which corrupts both once the avail index passes half the queue size, so the device
-/// tests use this layout; `guest_chain` uses the mock for single chains.)
-struct GuestRing {
-    mem: &'static GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-}
-
-impl GuestRing {
-    fn new(mem: &'static GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let avail = base + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        let ring = Self { mem, desc: base, avail, used, size };
-        for addr in [avail, avail + 2, used, used + 2] {
-            mem.write_obj(0u16, GuestAddress(addr)).unwrap();
-        }
-        ring
-    }
-
-    /// The device side, set up and ready, as the transport hands it over.
-    fn queue(&self) -> Queue {
-        let mut queue = Queue::new(self.size).unwrap();
-        queue.set_size(self.size);
-        let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-        let (lo, hi) = split(self.desc);
-        queue.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(self.avail);
-        queue.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(self.used);
-        queue.set_used_ring_address(lo, hi);
-        queue.set_ready(true);
-        queue
-    }
-
-    fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-        self.mem.write_obj(desc, GuestAddress(self.desc + 16 * u64::from(index))).unwrap();
-    }
-
-    fn offer(&self, head: u16) {
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
-        let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2)).unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
-    }
-
-    /// Used ring entry number `n` (counting since creation): (head index, length).
-    fn used_elem(&self, n: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(n % self.size);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
     }
 }
 
@@ -201,7 +141,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { timeouts: Timeouts::default(), rx_buffers: RX_SLOTS, rx_capacity: 4096, rx_layout: RxLayout::OneDescriptor }
+        Self {
+            timeouts: Timeouts::default(),
+            rx_buffers: RX_SLOTS,
+            rx_capacity: 4096,
+            rx_layout: RxLayout::OneDescriptor,
+        }
     }
 }
 

@@ -410,7 +410,34 @@ def snapshot():
     write("snapshot", "bad-length", bytes(huge))
 
 
+def transport_state(status, features, queues, interrupt=0, refused=0, device_type=4):
+    """`wisp_vmm::snapshot::TransportState`'s encoding: queues are (size, ready, desc,
+    avail, used, next_avail, next_used)."""
+    out = struct.pack("<IIIIQIIIB", device_type, status, 1, 1, features, 0, 0, interrupt, refused)
+    out += struct.pack("<H", len(queues))
+    for size, ready, d, a, u, na, nu in queues:
+        out += struct.pack("<IBQQQHH", size, ready, d, a, u, na, nu)
+    return out
+
+
+def mmio_restore():
+    # virtio-rng's one queue of 256 where `wisp_fuzz::ring(&mem, 0, 256)` lays it out.
+    size, d = 256, 0
+    a = d + 16 * size
+    u = (a + 6 + 2 * size + 3) & ~3
+    version_1 = 1 << 32
+    requests = queue([[(0, 64, WRITE)], [(0x100, 16, WRITE)], [(0x200, 8, WRITE)]])
+    data = blob({0x300: b"\0"})
+    running = transport_state(0xF, version_1, [(size, 1, d, a, u, 2, 2)], interrupt=1)
+    write("mmio_restore", "running", running + requests + data)
+    write("mmio_restore", "running-wrapped", transport_state(0xF, version_1, [(size, 1, d, a, u, 65535, 65534)]) + requests + data)
+    write("mmio_restore", "features-ok", transport_state(0xB, version_1, [(size, 1, d, a, u, 0, 0)]) + requests + data)
+    write("mmio_restore", "needs-reset", transport_state(0x4F, version_1, [(size, 1, d, a, u, 0, 0)]) + requests + data)
+    write("mmio_restore", "outside", transport_state(0xF, version_1, [(size, 1, d, a, 4 << 20, 0, 0)]) + requests + data)
+    write("mmio_restore", "other-device", transport_state(0xF, version_1, [(size, 1, d, a, u, 0, 0)], device_type=19))
+
+
 if __name__ == "__main__":
     for f in (hybrid_vsock_connect, hybrid_vsock_ok, stdio_header, mountinfo, runtime_options, bundle_spec,
-              virtio_blk, virtio_mmio, virtio_fs, virtio_vsock, virtio_net, agent_rpc, snapshot):
+              virtio_blk, virtio_mmio, virtio_fs, virtio_vsock, virtio_net, agent_rpc, snapshot, mmio_restore):
         f()

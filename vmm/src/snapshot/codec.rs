@@ -91,6 +91,11 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.at
     }
 
+    /// How many bytes have been read.
+    pub fn position(&self) -> usize {
+        self.at
+    }
+
     pub fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FieldError> {
         if n > self.left() {
             return Err(FieldError::Truncated { what, at: self.at, need: n, have: self.left() });

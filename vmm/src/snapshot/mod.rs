@@ -2,8 +2,10 @@
 //! the vCPUs' registers, MSRs, FPU/XSAVE, LAPIC, pending events and MP state
 //! (`vcpu`), the in-kernel PICs, IOAPIC, PIT and the kvmclock (`vm`), in a versioned,
 //! checksummed file (`format`) whose header says what it may be restored on
-//! (`header`). Device state and guest memory are not here yet, nor the wiring into the
-//! CLI, the control API and the shim.
+//! (`header`); and a virtio-mmio transport's registers and queue positions
+//! (`transport`, saved and restored by `devices::virtio::mmio`), not yet in the file.
+//! The device models' own state beyond their queues, guest memory, and the wiring into
+//! the CLI, the control API and the shim are not here yet.
 //!
 //! Trust: a snapshot file is read back by later VMMs, possibly after the VMM that wrote
 //! it was compromised by its guest, and files get truncated or corrupted: parsing
@@ -15,6 +17,7 @@ pub mod codec;
 pub mod format;
 pub mod header;
 pub mod kvm_structs;
+pub mod transport;
 pub mod vcpu;
 pub mod vm;
 
@@ -25,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 pub use format::{FormatError, Snapshot, FORMAT_VERSION};
 pub use header::{BuildIdentity, CpuIdentity, Header, Mismatch, VmIdentity};
+pub use transport::{QueueState, TransportState};
 pub use vcpu::{VcpuState, VcpuStateError, VcpuStateSupport};
 pub use vm::{VmState, VmStateError};
 

@@ -34,6 +34,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, QueueT, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
+mod state;
+
+pub use state::TransportStateError;
+
 /// Size of one device's register block; also the stride between devices.
 pub const MMIO_REGION_SIZE: u64 = 0x1000;
 /// Offset of QueueNotify: register each queue eventfd as an ioeventfd at
@@ -467,6 +471,13 @@ impl MmioTransport {
         if self.reactivation_refused {
             return Err(MmioError::NotReactivatable);
         }
+        let queues = self.build_queues()?;
+        self.activate_with(queues)
+    }
+
+    /// The ready queues as the driver set them up, checked: no unready queue before a
+    /// ready one, each valid against guest memory.
+    fn build_queues(&self) -> Result<Vec<Queue>, MmioError> {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         let mut first_unready = None;
@@ -480,6 +491,10 @@ impl MmioTransport {
             }
             queues.push(regs.build(index, &self.mem, event_idx)?);
         }
+        Ok(queues)
+    }
+
+    fn activate_with(&mut self, queues: Vec<Queue>) -> Result<(), MmioError> {
         let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
         lock(&self.device).activate(self.mem.clone(), interrupt, queues)?;
         Ok(())
@@ -573,11 +588,15 @@ mod tests {
     use crate::devices::virtio::test_utils::{guest_memory, GuestQueue, MEM_SIZE};
 
     /// A device model that records what the transport did to it.
-    struct FakeDevice {
+    pub(super) struct FakeDevice {
         max_sizes: Vec<u16>,
         events: Vec<EventFd>,
-        acked: Option<u64>,
-        activated_with: Option<usize>,
+        pub(super) acked: Option<u64>,
+        pub(super) activated_with: Option<usize>,
+        /// The queues of the last activation (`activated_with` is their count).
+        pub(super) queues: Vec<Queue>,
+        /// Whether it can give its queue positions for a snapshot.
+        pub(super) snapshottable: bool,
         refuse_activation: bool,
         resettable: bool,
         resets: usize,
@@ -585,12 +604,14 @@ mod tests {
     }
 
     impl FakeDevice {
-        fn new(max_sizes: &[u16]) -> Self {
+        pub(super) fn new(max_sizes: &[u16]) -> Self {
             Self {
                 max_sizes: max_sizes.to_vec(),
                 events: max_sizes.iter().map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect(),
                 acked: None,
                 activated_with: None,
+                queues: Vec::new(),
+                snapshottable: true,
                 refuse_activation: false,
                 resettable: true,
                 resets: 0,
@@ -599,7 +620,7 @@ mod tests {
         }
     }
 
-    const FAKE_FEATURES: u64 = VIRTIO_F_VERSION_1 | 0b101;
+    pub(super) const FAKE_FEATURES: u64 = VIRTIO_F_VERSION_1 | 0b101;
 
     impl VirtioDevice for FakeDevice {
         fn device_type(&self) -> u32 {
@@ -642,6 +663,7 @@ mod tests {
                 return Err(ActivateError::QueueCount { got: queues.len(), want: self.max_sizes.len() });
             }
             self.activated_with = Some(queues.len());
+            self.queues = queues;
             Ok(())
         }
         fn reset(&mut self) -> bool {
@@ -652,15 +674,19 @@ mod tests {
         fn is_activated(&self) -> bool {
             self.activated_with.is_some()
         }
+        fn queue_positions(&self) -> Option<Vec<super::super::QueuePosition>> {
+            let positions = self.queues.iter().map(super::super::QueuePosition::of);
+            self.snapshottable.then(|| positions.collect())
+        }
     }
 
-    struct Rig {
-        mem: GuestMemoryMmap,
-        fake: Arc<Mutex<FakeDevice>>,
-        mmio: MmioTransport,
+    pub(super) struct Rig {
+        pub(super) mem: GuestMemoryMmap,
+        pub(super) fake: Arc<Mutex<FakeDevice>>,
+        pub(super) mmio: MmioTransport,
     }
 
-    fn rig(max_sizes: &[u16]) -> Rig {
+    pub(super) fn rig(max_sizes: &[u16]) -> Rig {
         let mem = guest_memory();
         let fake = Arc::new(Mutex::new(FakeDevice::new(max_sizes)));
         let mmio = MmioTransport::new(mem.clone(), fake.clone()).unwrap();
@@ -668,23 +694,23 @@ mod tests {
     }
 
     impl Rig {
-        fn r(&mut self, offset: u32) -> u32 {
+        pub(super) fn r(&mut self, offset: u32) -> u32 {
             let mut data = [0xaa; 4];
             self.mmio.read(u64::from(offset), &mut data);
             u32::from_le_bytes(data)
         }
-        fn w(&mut self, offset: u32, value: u32) {
+        pub(super) fn w(&mut self, offset: u32, value: u32) {
             self.mmio.write(u64::from(offset), &value.to_le_bytes());
         }
-        fn status(&mut self) -> u32 {
+        pub(super) fn status(&mut self) -> u32 {
             self.r(VIRTIO_MMIO_STATUS)
         }
         /// Linux's virtio_add_status: read, OR in the bit, write back.
-        fn add_status(&mut self, bit: u32) {
+        pub(super) fn add_status(&mut self, bit: u32) {
             let s = self.status();
             self.w(VIRTIO_MMIO_STATUS, s | bit);
         }
-        fn negotiate(&mut self, features: u64) {
+        pub(super) fn negotiate(&mut self, features: u64) {
             self.w(VIRTIO_MMIO_STATUS, 0);
             self.add_status(ACKNOWLEDGE);
             self.add_status(DRIVER);
@@ -708,7 +734,7 @@ mod tests {
             self.w(VIRTIO_MMIO_QUEUE_READY, 1);
         }
         /// Lays out queue `index` at 64 KiB * index and sets it up.
-        fn setup_good_queue(&mut self, index: u32, size: u16) {
+        pub(super) fn setup_good_queue(&mut self, index: u32, size: u16) {
             let mem = self.mem.clone();
             let gq = GuestQueue::at(&mem, GuestAddress(0x1_0000 * u64::from(index)), size);
             self.setup_queue(index, u32::from(size), (gq.desc_table_addr(), gq.avail_addr(), gq.used_addr()));

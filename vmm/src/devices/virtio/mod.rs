@@ -55,6 +55,21 @@ pub enum ActivateError {
     Device(String),
 }
 
+/// Where a device model is in one of its queues: what a snapshot carries to resume it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePosition {
+    /// The next avail ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used ring entry the device will write.
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    pub fn of(queue: &Queue) -> Self {
+        Self { next_avail: queue.next_avail(), next_used: queue.next_used() }
+    }
+}
+
 /// A virtio device model, independent of transport and of KVM.
 pub trait VirtioDevice: Send {
     /// One of the `TYPE_*` IDs.
@@ -85,6 +100,13 @@ pub trait VirtioDevice: Send {
         false
     }
     fn is_activated(&self) -> bool;
+    /// For a snapshot of an active device: its place in each queue, in queue order, read
+    /// while the device thread is stopped. `None` (the default) when the model holds
+    /// state beyond its queues that a snapshot does not carry yet (connections, open
+    /// files); such a device is not snapshotted while active.
+    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
+        None
+    }
 }
 pub mod block;
 pub mod fs;

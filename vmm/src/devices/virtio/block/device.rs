@@ -20,7 +20,7 @@ use super::request::{BadRequest, Request, RequestType, Segment};
 use super::SEG_MAX;
 use crate::devices::virtio::{
     exact_queues, ignore_config_write, kick_queues, read_config_space, ActivateError, GuestWarnings, Interrupt,
-    InterruptKind, Queue, QueueT, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    InterruptKind, Queue, QueuePosition, QueueT, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Size of the request queue.
@@ -334,6 +334,12 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// Only the queue: requests are served whole on the device thread, so none is
+    /// half-done while it is stopped.
+    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
+        Some(self.active.as_ref().map(|a| QueuePosition::of(&a.queue)).into_iter().collect())
     }
 }
 

@@ -386,7 +386,7 @@ def snap_vcpu(index):
             + fpu + xsave + xcrs + msr + bytes(lapic) + debug + events)
 
 
-def snapshot_file(sections, version=1):
+def snapshot_file(sections, version=2):
     return b"WISPSNAP" + struct.pack("<I", version) + b"".join(sections)
 
 
@@ -394,17 +394,23 @@ def snapshot():
     header = snap_section(1, 0, snap_header())
     vm = snap_section(2, 0, snap_vm())
     vcpus = [snap_section(3, i, snap_vcpu(i)) for i in range(2)]
-    end = snap_section(4, 0, struct.pack("<H", 2))
-    valid = snapshot_file([header, vm] + vcpus + [end])
+    # A running vsock transport (three queues) and an rng its driver never started.
+    vsock_queues = [(256, 1, 0x10000 * (i + 1), 0x10000 * (i + 1) + 0x1000, 0x10000 * (i + 1) + 0x2000, 5, 4)
+                    for i in range(3)]
+    devices = [snap_section(5, 0, transport_state(0xF, (1 << 32) | (1 << 29), vsock_queues, device_type=19)),
+               snap_section(5, 1, transport_state(0, 0, [(256, 0, 0, 0, 0, 0, 0)]))]
+    end = snap_section(4, 0, struct.pack("<HH", 2, 2))
+    valid = snapshot_file([header, vm] + vcpus + devices + [end])
     write("snapshot", "valid", valid)
-    write("snapshot", "valid-1vcpu", snapshot_file([header, vm, vcpus[0], snap_section(4, 0, struct.pack("<H", 1))]))
+    write("snapshot", "valid-1vcpu", snapshot_file([header, vm, vcpus[0], snap_section(4, 0, struct.pack("<HH", 1, 0))]))
     flipped = bytearray(valid)
     flipped[len(header) + len(vm) + 300] ^= 0x10
     write("snapshot", "bad-checksum", bytes(flipped))
     write("snapshot", "bad-truncated", valid[:len(valid) - 100])
-    write("snapshot", "bad-order", snapshot_file([vm, header] + vcpus + [end]))
-    write("snapshot", "bad-duplicate", snapshot_file([header, vm, vcpus[0], vcpus[0], end]))
-    write("snapshot", "bad-version", snapshot_file([header, vm] + vcpus + [end], version=2))
+    write("snapshot", "bad-order", snapshot_file([vm, header] + vcpus + devices + [end]))
+    write("snapshot", "bad-duplicate", snapshot_file([header, vm, vcpus[0], vcpus[0]] + devices + [end]))
+    write("snapshot", "bad-device-order", snapshot_file([header, vm, vcpus[0], devices[0], vcpus[1], devices[1], end]))
+    write("snapshot", "bad-version", snapshot_file([header, vm] + vcpus + devices + [end], version=1))
     huge = bytearray(valid)
     huge[16:20] = struct.pack("<I", 0xffffffff)
     write("snapshot", "bad-length", bytes(huge))

@@ -324,7 +324,7 @@ fn vcpu_and_vm_state_survive_a_restore_into_a_fresh_vm() -> CaseResult {
     let here = Header::this_host(&vm.supported_cpuid, vm.tsc_deadline, config())?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("vm.snap");
-    Snapshot { header: here.clone(), vm: vm_state, vcpus: states }.save(&path)?;
+    Snapshot { header: here.clone(), vm: vm_state, vcpus: states, devices: Vec::new() }.save(&path)?;
     let loaded = Snapshot::load(&path, &here)?;
     println!("snapshot of {} vCPUs: {} bytes", loaded.vcpus.len(), std::fs::metadata(&path)?.len());
 

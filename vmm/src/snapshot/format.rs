@@ -6,13 +6,18 @@
 //! ```text
 //! "WISPSNAP"            8 bytes, the magic
 //! version               u32, FORMAT_VERSION
-//! section*              header, vm, vcpu0 .. vcpuN-1, end: exactly this order
-//!   kind                u16: 1 header, 2 vm, 3 vcpu, 4 end
-//!   index               u16: the vCPU's index for vcpu sections, 0 for the others
+//! section*              header, vm, vcpu0 .. vcpuN-1, device0 .. deviceM-1, end:
+//!                       exactly this order (N >= 1, M >= 0)
+//!   kind                u16: 1 header, 2 vm, 3 vcpu, 4 end, 5 device
+//!   index               u16: the vCPU's or device's index, 0 for the others
 //!   length              u32: payload bytes, at most the kind's maximum
-//!   payload             `length` bytes (header.rs, vm.rs, vcpu.rs; end: u16 vCPU count)
+//!   payload             `length` bytes (header.rs, vm.rs, vcpu.rs, transport.rs; end:
+//!                       u16 vCPU count, u16 device count)
 //!   crc32               u32: CRC-32 (zlib's) of kind, index, length and payload
 //! ```
+//!
+//! Devices are the VM's virtio-mmio transports in the order the VM configuration lists
+//! them (the header's configuration identity says which configuration that is).
 //!
 //! Nothing may follow the end section. Guest memory is not in this file.
 //!
@@ -26,15 +31,19 @@ use std::fmt;
 
 use super::codec::{crc32, FieldError, Reader, Writer};
 use super::header::Header;
+use super::transport::TransportState;
 use super::vcpu::VcpuState;
 use super::vm::VmState;
 
 pub const MAGIC: [u8; 8] = *b"WISPSNAP";
 /// The layout of this file and of every struct in it (`kvm_structs`); a change to
-/// either gets a new version, and a file of another version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// either gets a new version, and a file of another version is refused. Version 2 added
+/// the device sections.
+pub const FORMAT_VERSION: u32 = 2;
 /// The most vCPUs a snapshot holds (vCPU indexes are u8 in wisp-vmm).
 pub const MAX_VCPUS: usize = 255;
+/// The most devices a snapshot holds (wisp-vmm's MMIO device window has room for 32).
+pub const MAX_DEVICES: usize = 32;
 
 const PRELUDE_BYTES: usize = 12;
 const SECTION_HEADER_BYTES: usize = 8;
@@ -46,6 +55,7 @@ pub enum SectionKind {
     Vm = 2,
     Vcpu = 3,
     End = 4,
+    Device = 5,
 }
 
 impl SectionKind {
@@ -55,18 +65,21 @@ impl SectionKind {
             2 => Self::Vm,
             3 => Self::Vcpu,
             4 => Self::End,
+            5 => Self::Device,
             _ => return None,
         })
     }
 
     /// The largest payload a section of this kind can have; generous against what
-    /// this version writes (a vCPU is about 9 KiB, the VM 1.6 KiB).
+    /// this version writes (a vCPU is about 9 KiB, the VM 1.6 KiB, a device at most
+    /// 0.7 KiB).
     pub fn max_len(self) -> usize {
         match self {
             Self::Header => 256 << 10,
             Self::Vm => 8 << 10,
             Self::Vcpu => 64 << 10,
-            Self::End => 2,
+            Self::End => 4,
+            Self::Device => 4 << 10,
         }
     }
 }
@@ -89,6 +102,7 @@ impl fmt::Display for SectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match SectionKind::from_tag(self.tag) {
             Some(SectionKind::Vcpu) => return write!(f, "vcpu{}", self.index),
+            Some(SectionKind::Device) => return write!(f, "device{}", self.index),
             Some(SectionKind::Header) => "header",
             Some(SectionKind::Vm) => "vm",
             Some(SectionKind::End) => "end",
@@ -127,6 +141,8 @@ pub enum FormatError {
     Missing { expected: String, offset: usize },
     #[error("the end section says {declared} vCPUs, the snapshot has {found}")]
     VcpuCount { declared: usize, found: usize },
+    #[error("the end section says {declared} devices, the snapshot has {found}")]
+    DeviceCount { declared: usize, found: usize },
     #[error("{len} bytes follow the end section at byte {offset}")]
     TrailingData { offset: usize, len: usize },
     #[error("section {section}: {source}")]
@@ -140,6 +156,8 @@ pub struct Snapshot {
     pub vm: VmState,
     /// One per vCPU, by index; at least one, at most `MAX_VCPUS`.
     pub vcpus: Vec<VcpuState>,
+    /// One per virtio-mmio device, in configuration order; at most `MAX_DEVICES`.
+    pub devices: Vec<TransportState>,
 }
 
 fn put_section(out: &mut Vec<u8>, kind: SectionKind, index: u16, payload: &[u8]) {
@@ -221,6 +239,7 @@ impl RawSection<'_> {
 impl Snapshot {
     pub fn encode(&self) -> Vec<u8> {
         debug_assert!(!self.vcpus.is_empty() && self.vcpus.len() <= MAX_VCPUS);
+        debug_assert!(self.devices.len() <= MAX_DEVICES);
         let mut out = Vec::with_capacity(16 << 10);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -234,7 +253,13 @@ impl Snapshot {
         for (i, vcpu) in self.vcpus.iter().enumerate() {
             section(&mut out, SectionKind::Vcpu, i as u16, &|w| vcpu.encode(w));
         }
-        section(&mut out, SectionKind::End, 0, &|w| w.count(self.vcpus.len()));
+        for (i, device) in self.devices.iter().enumerate() {
+            section(&mut out, SectionKind::Device, i as u16, &|w| device.encode(w));
+        }
+        section(&mut out, SectionKind::End, 0, &|w| {
+            w.count(self.vcpus.len());
+            w.count(self.devices.len());
+        });
         out
     }
 
@@ -271,28 +296,51 @@ impl Snapshot {
         let vm = s.decode(VmState::decode)?;
 
         let mut vcpus: Vec<VcpuState> = Vec::new();
+        let mut devices: Vec<TransportState> = Vec::new();
         loop {
-            let index = vcpus.len() as u16;
-            let expected = if vcpus.is_empty() { "vcpu0".to_string() } else { format!("vcpu{index} or end") };
+            // What may come next: the next vCPU (always while there is none, and until
+            // the first device), the next device (once there is a vCPU), or the end.
+            let (vcpu_index, device_index) = (vcpus.len() as u16, devices.len() as u16);
+            let expected = match (vcpus.is_empty(), devices.is_empty()) {
+                (true, _) => "vcpu0".to_string(),
+                (false, true) => format!("vcpu{vcpu_index}, device0 or end"),
+                (false, false) => format!("device{device_index} or end"),
+            };
             let s = next(&mut offset, &expected)?;
-            if s.kind == SectionKind::End && !vcpus.is_empty() {
-                s.expect(SectionKind::End, 0, "")?;
-                let declared = s.decode(|r| r.u16("vCPU count"))? as usize;
-                if declared != vcpus.len() {
-                    return Err(FormatError::VcpuCount { declared, found: vcpus.len() });
+            let out_of_order =
+                || FormatError::OutOfOrder { found: s.id, expected: expected.clone(), offset: s.offset };
+            match s.kind {
+                SectionKind::End if !vcpus.is_empty() => {
+                    s.expect(SectionKind::End, 0, "")?;
+                    let (declared_vcpus, declared_devices) =
+                        s.decode(|r| Ok((r.u16("vCPU count")?, r.u16("device count")?)))?;
+                    if usize::from(declared_vcpus) != vcpus.len() {
+                        return Err(FormatError::VcpuCount { declared: declared_vcpus.into(), found: vcpus.len() });
+                    }
+                    if usize::from(declared_devices) != devices.len() {
+                        let (declared, found) = (declared_devices.into(), devices.len());
+                        return Err(FormatError::DeviceCount { declared, found });
+                    }
+                    break;
                 }
-                break;
+                SectionKind::Vcpu if devices.is_empty() && s.id.index == vcpu_index => {
+                    if vcpus.len() == MAX_VCPUS {
+                        return Err(out_of_order());
+                    }
+                    vcpus.push(s.decode(VcpuState::decode)?);
+                }
+                SectionKind::Device if !vcpus.is_empty() && s.id.index == device_index => {
+                    if devices.len() == MAX_DEVICES {
+                        return Err(out_of_order());
+                    }
+                    devices.push(s.decode(TransportState::decode)?);
+                }
+                _ => return Err(out_of_order()),
             }
-            let also = if vcpus.is_empty() { "" } else { " or end" };
-            s.expect(SectionKind::Vcpu, index, also)?;
-            if vcpus.len() == MAX_VCPUS {
-                return Err(FormatError::OutOfOrder { found: s.id, expected: "end".into(), offset: s.offset });
-            }
-            vcpus.push(s.decode(VcpuState::decode)?);
         }
         if offset != bytes.len() {
             return Err(FormatError::TrailingData { offset, len: bytes.len() - offset });
         }
-        Ok(Self { header, vm, vcpus })
+        Ok(Self { header, vm, vcpus, devices })
     }
 }

@@ -2,8 +2,8 @@
 //! the vCPUs' registers, MSRs, FPU/XSAVE, LAPIC, pending events and MP state
 //! (`vcpu`), the in-kernel PICs, IOAPIC, PIT and the kvmclock (`vm`), in a versioned,
 //! checksummed file (`format`) whose header says what it may be restored on
-//! (`header`); and a virtio-mmio transport's registers and queue positions
-//! (`transport`, saved and restored by `devices::virtio::mmio`), not yet in the file.
+//! (`header`); and each virtio-mmio transport's registers and queue positions
+//! (`transport`, saved and restored by `devices::virtio::mmio`).
 //! The device models' own state beyond their queues, guest memory, and the wiring into
 //! the CLI, the control API and the shim are not here yet.
 //!
@@ -32,7 +32,8 @@ pub use transport::{QueueState, TransportState};
 pub use vcpu::{VcpuState, VcpuStateError, VcpuStateSupport};
 pub use vm::{VmState, VmStateError};
 
-/// The largest snapshot file read: 255 vCPUs at their largest and a full header fit.
+/// The largest snapshot file read: 255 vCPUs and 32 devices at their largest and a full
+/// header fit.
 pub const MAX_FILE_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,12 +6,22 @@
 use super::codec::{crc32, FieldError};
 use super::format::{FormatError, SectionId, Snapshot, FORMAT_VERSION, MAGIC};
 use super::header::tests::sample as sample_header;
+use super::transport::tests::sample as sample_device;
+use super::transport::TransportState;
 use super::vcpu::tests::sample as sample_vcpu;
 use super::vm::tests::sample as sample_vm;
 use super::{Mismatch, SnapshotError, MAX_FILE_BYTES};
 
+/// A snapshot with `vcpus` vCPUs and two devices (a running vsock-like transport, and an
+/// rng the driver never started).
 fn sample(vcpus: u64) -> Snapshot {
-    Snapshot { header: sample_header(), vm: sample_vm(1), vcpus: (0..vcpus).map(|i| sample_vcpu(100 + i)).collect() }
+    let devices = vec![sample_device(), TransportState { device_type: 4, ..TransportState::default() }];
+    Snapshot {
+        header: sample_header(),
+        vm: sample_vm(1),
+        vcpus: (0..vcpus).map(|i| sample_vcpu(100 + i)).collect(),
+        devices,
+    }
 }
 
 /// A file's sections as (kind, index, payload), for rearranging.
@@ -44,19 +54,21 @@ fn assemble(sections: &[(u16, u16, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-fn end(count: u16) -> (u16, u16, Vec<u8>) {
-    (4, 0, count.to_le_bytes().to_vec())
+fn end(vcpus: u16, devices: u16) -> (u16, u16, Vec<u8>) {
+    (4, 0, [vcpus.to_le_bytes(), devices.to_le_bytes()].concat())
 }
 
 #[test]
 fn a_snapshot_round_trips_byte_for_byte() {
-    for vcpus in [1, 3] {
-        let s = sample(vcpus);
+    let mut without_devices = sample(2);
+    without_devices.devices.clear();
+    for s in [sample(1), sample(3), without_devices] {
         let bytes = s.encode();
         let back = Snapshot::decode(&bytes).unwrap();
         assert_eq!(back.header, s.header);
         assert_eq!(back.vm.to_bytes(), s.vm.to_bytes());
         assert_eq!(back.vcpus, s.vcpus);
+        assert_eq!(back.devices, s.devices);
         assert_eq!(back.encode(), bytes);
         // The sections a writer makes are the ones the test helpers take apart.
         assert_eq!(assemble(&sections(&bytes)), bytes);
@@ -79,10 +91,11 @@ fn another_magic_is_refused() {
 #[test]
 fn another_format_version_is_refused() {
     let mut bytes = sample(1).encode();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // Version 1 had no device sections; a file of it is refused, not misread.
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
     let e = Snapshot::decode(&bytes).unwrap_err();
-    assert_eq!(e, FormatError::Version { found: 2, expected: FORMAT_VERSION });
-    assert_eq!(e.to_string(), "snapshot format version 2, this wisp-vmm reads version 1");
+    assert_eq!(e, FormatError::Version { found: 1, expected: FORMAT_VERSION });
+    assert_eq!(e.to_string(), "snapshot format version 1, this wisp-vmm reads version 2");
 }
 
 #[test]
@@ -100,7 +113,7 @@ fn a_snapshot_truncated_anywhere_is_refused() {
     let all = sections(&bytes);
     let without_end = assemble(&all[..all.len() - 1]);
     let e = Snapshot::decode(&without_end).unwrap_err();
-    assert_eq!(e.to_string(), format!("the snapshot ends at byte {} without section vcpu2 or end", without_end.len()));
+    assert_eq!(e.to_string(), format!("the snapshot ends at byte {} without section device2 or end", without_end.len()));
     // Inside a section: which one, and how much is missing.
     let header_len = all[0].2.len();
     let e = Snapshot::decode(&bytes[..12 + 8 + 100]).unwrap_err();
@@ -163,6 +176,8 @@ fn an_oversized_length_is_refused_before_allocating() {
 fn sections_out_of_order_duplicated_or_missing_are_refused() {
     let all = sections(&sample(2).encode());
     let (header, vm, vcpu0, vcpu1) = (all[0].clone(), all[1].clone(), all[2].clone(), all[3].clone());
+    let (device0, device1) = (all[4].clone(), all[5].clone());
+    let end = |vcpus| end(vcpus, 0);
     let err = |s: &[(u16, u16, Vec<u8>)]| Snapshot::decode(&assemble(s)).unwrap_err().to_string();
 
     // Order.
@@ -173,7 +188,7 @@ fn sections_out_of_order_duplicated_or_missing_are_refused() {
     let msg = err(&[header.clone(), header.clone(), vm.clone(), vcpu0.clone(), end(1)]);
     assert!(msg.contains("section header at byte") && msg.ends_with("where section vm belongs"), "{msg}");
     let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), vcpu0.clone(), end(2)]);
-    assert!(msg.starts_with("section vcpu0 at byte") && msg.ends_with("where section vcpu1 or end belongs"), "{msg}");
+    assert!(msg.starts_with("section vcpu0 at byte") && msg.ends_with("where section vcpu1, device0 or end belongs"), "{msg}");
     let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), end(1), end(1)]);
     assert!(msg.contains("bytes follow the end section"), "{msg}");
     // Missing.
@@ -182,6 +197,23 @@ fn sections_out_of_order_duplicated_or_missing_are_refused() {
     let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), end(2)]);
     assert_eq!(msg, "the end section says 2 vCPUs, the snapshot has 1");
     assert!(err(&[header.clone(), vm.clone()]).ends_with("without section vcpu0"));
+    // Devices: after every vCPU, in order, counted by the end section.
+    let good = [header.clone(), vm.clone(), vcpu0.clone(), device0.clone(), device1.clone(), super::tests::end(1, 2)];
+    assert_eq!(Snapshot::decode(&assemble(&good)).unwrap().devices.len(), 2);
+    let msg = err(&[header.clone(), vm.clone(), device0.clone()]);
+    assert!(msg.starts_with("section device0 at byte") && msg.ends_with("where section vcpu0 belongs"), "{msg}");
+    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), device0.clone(), vcpu1.clone()]);
+    assert!(msg.starts_with("section vcpu1 at byte") && msg.ends_with("where section device1 or end belongs"), "{msg}");
+    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), device1.clone()]);
+    assert!(msg.starts_with("section device1 at byte") && msg.ends_with("where section vcpu1, device0 or end belongs"), "{msg}");
+    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), device0.clone(), super::tests::end(1, 0)]);
+    assert_eq!(msg, "the end section says 0 devices, the snapshot has 1");
+    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), (4, 0, 1u16.to_le_bytes().to_vec())]);
+    assert_eq!(msg, "section end: reading device count needs 2 bytes at offset 2, only 0 left");
+    let mut bad_device = device0.clone();
+    bad_device.2[36] = 7;
+    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), bad_device]);
+    assert_eq!(msg, "section device0: reactivation refused is 7, which is not valid here");
     // Unknown kinds and stray indexes.
     let msg = err(&[header.clone(), (9, 0, vec![1, 2, 3])]);
     assert!(msg.ends_with("is of a kind this wisp-vmm does not know") && msg.starts_with("section kind 9"), "{msg}");
@@ -240,10 +272,10 @@ fn damaged_and_oversized_files_are_refused_on_load() {
     let path = dir.path().join("vm.snap");
     let s = sample(1);
     let mut bytes = s.encode();
-    bytes.truncate(bytes.len() - 20); // the end section (14 bytes) and 6 of vcpu0
+    bytes.truncate(bytes.len() - 22); // the end section (16 bytes) and 6 of device1
     std::fs::write(&path, &bytes).unwrap();
     let msg = Snapshot::load(&path, &s.header).unwrap_err().to_string();
-    assert!(msg.starts_with(&format!("snapshot {}: section vcpu0 truncated", path.display())), "{msg}");
+    assert!(msg.starts_with(&format!("snapshot {}: section device1 truncated", path.display())), "{msg}");
 
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(MAX_FILE_BYTES + 1).unwrap();
@@ -265,6 +297,7 @@ fn the_fuzz_seed_written_by_seeds_py_parses() {
     let s = Snapshot::decode(&valid).unwrap();
     assert_eq!(s.encode(), valid);
     assert_eq!(s.vcpus.len(), 2);
+    assert_eq!(s.devices.len(), 2);
     for entry in std::fs::read_dir(&seeds).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();

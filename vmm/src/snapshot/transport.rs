@@ -116,13 +116,13 @@ fn flag(r: &mut Reader, what: &'static str) -> Result<bool, FieldError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Bytes before the queue count: seven u32 registers, the u64 features, one flag.
     const FIXED: usize = 7 * 4 + 8 + 1;
 
-    fn sample() -> TransportState {
+    pub fn sample() -> TransportState {
         TransportState {
             device_type: 19,
             device_status: 0xf,

@@ -105,9 +105,16 @@ impl Suite {
         self
     }
 
-    /// Runs the cases (in order, one at a time) and exits: 0 if none failed.
+    /// Runs the cases (in order, one at a time) and exits: 0 if none failed, 1 if one
+    /// did, `SICK_HOST_STATUS` if the emulated host went sick.
     pub fn run(self) -> ! {
         let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+        std::process::exit(self.run_cases(&filters, in_emulated_host()))
+    }
+
+    /// `run`'s work: the cases whose names contain one of `filters` (all if none), as
+    /// inside the emulated host or not (`emulated`); returns the exit status.
+    fn run_cases(self, filters: &[String], emulated: bool) -> i32 {
         let (mut passed, mut failed, mut skipped, mut rerun_passed) = (0, 0, 0, 0);
         let mut skips = Vec::new();
         let mut failures = Vec::new();
@@ -117,7 +124,6 @@ impl Suite {
             .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
             .collect();
         println!("running {} tests of suite {}", selected.len(), self.name);
-        let emulated = in_emulated_host();
         let mut reruns = Vec::new();
         // Set when a case and its rerun both met a nested-guest fault: the emulated host
         // itself is then the likelier cause (stop 23's CI: every case after the first
@@ -220,13 +226,13 @@ impl Suite {
             "{}: {passed} passed, {rerun_passed} passed on a rerun, {failed} failed, {skipped} skipped",
             self.name
         );
-        std::process::exit(if sick.is_some() {
+        if sick.is_some() {
             SICK_HOST_STATUS
         } else if failed > 0 {
             1
         } else {
             0
-        })
+        }
     }
 }
 
@@ -352,6 +358,45 @@ mod tests {
         assert!(rerun_after(exec, true));
         assert!(!rerun_after(exec, false));
         assert!(!rerun_after("CRI ExecSync: exit 1, stdout \"\"", true), "a guest that answered failed on its own");
+    }
+
+    /// A suite of: a passing case, a case failing `fails` times with `failure` (then
+    /// passing), and a last case; returns its status, how often the second and the last
+    /// case ran.
+    fn run_suite(failure: &'static str, fails: usize, emulated: bool) -> (i32, usize, usize) {
+        use std::cell::Cell;
+        use std::rc::Rc;
+        let (second, last) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+        let (s, l) = (second.clone(), last.clone());
+        let suite = Suite::new("selftest")
+            .case("first", || Ok(Outcome::Passed))
+            .case("second", move || {
+                s.set(s.get() + 1);
+                if s.get() <= fails {
+                    anyhow::bail!("{failure}");
+                }
+                Ok(Outcome::Passed)
+            })
+            .case("last", move || {
+                l.set(l.get() + 1);
+                Ok(Outcome::Passed)
+            });
+        let status = suite.run_cases(&[], emulated);
+        (status, second.get(), last.get())
+    }
+
+    const STALL: &str = "agent CreateContainer: ttrpc err: Receive packet from Receiver timeout: timed out";
+
+    #[test]
+    fn a_case_that_stalls_twice_in_the_emulated_host_stops_the_suite_as_a_sick_host() {
+        // Stalls on its run and its rerun: the last case is not run, the status says sick.
+        assert_eq!(run_suite(STALL, 2, true), (SICK_HOST_STATUS, 2, 0));
+        // Stalls once: its rerun passes and the suite goes on.
+        assert_eq!(run_suite(STALL, 1, true), (0, 2, 1));
+        // On hardware KVM a stall is a plain failure: no rerun, no sick host.
+        assert_eq!(run_suite(STALL, 2, false), (1, 1, 1));
+        // A failure that is not a nested-guest fault is not rerun.
+        assert_eq!(run_suite("exit status 3", 2, true), (1, 1, 1));
     }
 
     #[test]

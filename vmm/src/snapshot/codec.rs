@@ -46,6 +46,11 @@ impl Writer {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    /// A boolean as one byte, 0 or 1.
+    pub fn flag(&mut self, v: bool) {
+        self.u8(u8::from(v));
+    }
+
     pub fn u32(&mut self, v: u32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
@@ -113,6 +118,15 @@ impl<'a> Reader<'a> {
 
     pub fn u8(&mut self, what: &'static str) -> Result<u8, FieldError> {
         Ok(self.array::<1>(what)?[0])
+    }
+
+    /// A boolean stored as one byte: 0 or 1, anything else refused.
+    pub fn flag(&mut self, what: &'static str) -> Result<bool, FieldError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(FieldError::Invalid { what, value: u64::from(v) }),
+        }
     }
 
     pub fn u16(&mut self, what: &'static str) -> Result<u16, FieldError> {

@@ -64,11 +64,11 @@ impl TransportState {
         w.u32(self.queue_sel);
         w.u32(self.shm_sel);
         w.u32(self.interrupt_status);
-        w.u8(u8::from(self.reactivation_refused));
+        w.flag(self.reactivation_refused);
         w.count(self.queues.len());
         for q in &self.queues {
             w.u32(q.size);
-            w.u8(u8::from(q.ready));
+            w.flag(q.ready);
             w.u64(q.desc_table);
             w.u64(q.avail_ring);
             w.u64(q.used_ring);
@@ -87,14 +87,14 @@ impl TransportState {
             queue_sel: r.u32("queue selector")?,
             shm_sel: r.u32("shared memory selector")?,
             interrupt_status: r.u32("interrupt status")?,
-            reactivation_refused: flag(r, "reactivation refused")?,
+            reactivation_refused: r.flag("reactivation refused")?,
             queues: Vec::new(),
         };
         let n = r.count(MAX_QUEUES, QUEUE_BYTES, "queues")?;
         for _ in 0..n {
             s.queues.push(QueueState {
                 size: r.u32("queue size")?,
-                ready: flag(r, "queue ready")?,
+                ready: r.flag("queue ready")?,
                 desc_table: r.u64("descriptor table address")?,
                 avail_ring: r.u64("available ring address")?,
                 used_ring: r.u64("used ring address")?,
@@ -103,15 +103,6 @@ impl TransportState {
             });
         }
         Ok(s)
-    }
-}
-
-/// A boolean stored as one byte: 0 or 1, nothing else.
-fn flag(r: &mut Reader, what: &'static str) -> Result<bool, FieldError> {
-    match r.u8(what)? {
-        0 => Ok(false),
-        1 => Ok(true),
-        v => Err(FieldError::Invalid { what, value: u64::from(v) }),
     }
 }
 

@@ -386,7 +386,7 @@ def snap_vcpu(index):
             + fpu + xsave + xcrs + msr + bytes(lapic) + debug + events)
 
 
-def snapshot_file(sections, version=2):
+def snapshot_file(sections, version=3):
     return b"WISPSNAP" + struct.pack("<I", version) + b"".join(sections)
 
 
@@ -400,20 +400,47 @@ def snapshot():
     devices = [snap_section(5, 0, transport_state(0xF, (1 << 32) | (1 << 29), vsock_queues, device_type=19)),
                snap_section(5, 1, transport_state(0, 0, [(256, 0, 0, 0, 0, 0, 0)]))]
     end = snap_section(4, 0, struct.pack("<HH", 2, 2))
-    valid = snapshot_file([header, vm] + vcpus + devices + [end])
+    # The memory file's id and its two regions (below the MMIO gap, and above 4 GiB).
+    memory = snap_section(6, 0, b"0123456789abcdef" + struct.pack("<HQQQQ", 2, 0, 0xC000_0000, 1 << 32, 0x4000_0000))
+    # A serial console: present, nine registers, a receive FIFO of 5 bytes.
+    legacy = snap_section(7, 0, bytes([1, 1, 0, 2, 0xC2, 3, 0x60, 8, 0xB0, 0x5A]) + struct.pack("<H", 5) + b"typed")
+    no_serial = snap_section(7, 0, bytes([0]))
+    valid = snapshot_file([header, vm, memory] + vcpus + devices + [legacy, end])
     write("snapshot", "valid", valid)
-    write("snapshot", "valid-1vcpu", snapshot_file([header, vm, vcpus[0], snap_section(4, 0, struct.pack("<HH", 1, 0))]))
+    write("snapshot", "valid-1vcpu",
+          snapshot_file([header, vm, memory, vcpus[0], no_serial, snap_section(4, 0, struct.pack("<HH", 1, 0))]))
     flipped = bytearray(valid)
-    flipped[len(header) + len(vm) + 300] ^= 0x10
+    flipped[12 + len(header) + len(vm) + len(memory) + 300] ^= 0x10
     write("snapshot", "bad-checksum", bytes(flipped))
     write("snapshot", "bad-truncated", valid[:len(valid) - 100])
-    write("snapshot", "bad-order", snapshot_file([vm, header] + vcpus + devices + [end]))
-    write("snapshot", "bad-duplicate", snapshot_file([header, vm, vcpus[0], vcpus[0]] + devices + [end]))
-    write("snapshot", "bad-device-order", snapshot_file([header, vm, vcpus[0], devices[0], vcpus[1], devices[1], end]))
-    write("snapshot", "bad-version", snapshot_file([header, vm] + vcpus + devices + [end], version=1))
+    write("snapshot", "bad-order", snapshot_file([vm, header, memory] + vcpus + devices + [legacy, end]))
+    write("snapshot", "bad-duplicate", snapshot_file([header, vm, memory, vcpus[0], vcpus[0]] + devices + [legacy, end]))
+    write("snapshot", "bad-device-order",
+          snapshot_file([header, vm, memory, vcpus[0], devices[0], vcpus[1], devices[1], legacy, end]))
+    write("snapshot", "bad-no-legacy", snapshot_file([header, vm, memory] + vcpus + devices + [end]))
+    write("snapshot", "bad-version", snapshot_file([header, vm, memory] + vcpus + devices + [legacy, end], version=2))
     huge = bytearray(valid)
     huge[16:20] = struct.pack("<I", 0xffffffff)
     write("snapshot", "bad-length", bytes(huge))
+
+
+def memory_trailer():
+    """`wisp_vmm::snapshot::memory`'s trailer page: magic, version, id, regions, crc32,
+    zero padding to 4096 bytes."""
+    def page(regions, magic=b"WISPMEM\0", version=1):
+        body = magic + struct.pack("<I", version) + b"0123456789abcdef" + struct.pack("<H", len(regions))
+        body += b"".join(struct.pack("<QQ", a, n) for a, n in regions)
+        body += struct.pack("<I", zlib.crc32(body))
+        return body + bytes(4096 - len(body))
+    two = [(0, 0xC000_0000), (1 << 32, 0x4000_0000)]
+    write("memory_trailer", "valid", page(two))
+    write("memory_trailer", "valid-small", page([(0, 128 << 20)]))
+    write("memory_trailer", "bad-overlap", page([(0, 8192), (4096, 4096)]))
+    write("memory_trailer", "bad-magic", page(two, magic=b"WISPSNAP"))
+    write("memory_trailer", "bad-version", page(two, version=2))
+    bad = bytearray(page(two))
+    bad[40] ^= 1
+    write("memory_trailer", "bad-checksum", bytes(bad))
 
 
 def transport_state(status, features, queues, interrupt=0, refused=0, device_type=4):
@@ -445,5 +472,5 @@ def mmio_restore():
 
 if __name__ == "__main__":
     for f in (hybrid_vsock_connect, hybrid_vsock_ok, stdio_header, mountinfo, runtime_options, bundle_spec,
-              virtio_blk, virtio_mmio, virtio_fs, virtio_vsock, virtio_net, agent_rpc, snapshot, mmio_restore):
+              virtio_blk, virtio_mmio, virtio_fs, virtio_vsock, virtio_net, agent_rpc, snapshot, mmio_restore, memory_trailer):
         f()

@@ -1,8 +1,9 @@
 //! VM snapshots (`wisp_vmm::snapshot`) against the host's real /dev/kvm: a VM set up by
 //! the VMM's own code (`Vm::new`, `Vcpu::configure`), given distinctive register, MSR,
-//! FPU, LAPIC and debug register values, is captured, written to a file, loaded back
-//! through the header checks, restored into a fresh VM whose vCPUs were never
-//! configured, and captured again: both captures must agree, field by field, but for
+//! FPU, LAPIC and debug register values and a page of guest memory, is captured,
+//! written to a file (its memory to a memory file), loaded back through the header
+//! checks, restored into a fresh VM on that memory file mapped copy-on-write, whose
+//! vCPUs were never configured, and captured again: both captures must agree, field by field, but for
 //! the values that move with time (listed in `compare_*`). No guest code runs, so this
 //! works on PVM hosts too, as far as their KVM implements the state ioctls; a missing
 //! one is reported as a skip with its reason.
@@ -10,10 +11,13 @@
 use anyhow::{bail, Context};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
 use wisp_tests::harness::{need_kvm, CaseResult, Outcome, Suite};
 use wisp_tests::skip_unless;
 use wisp_vmm::arch::msr;
 use wisp_vmm::arch::regs::EntryPoint;
+use wisp_vmm::snapshot::legacy::LegacyState;
+use wisp_vmm::snapshot::memory::{map_memory, save_memory};
 use wisp_vmm::snapshot::{
     Header, Snapshot, VcpuState, VcpuStateError, VcpuStateSupport, VmIdentity, VmState, VmStateError,
 };
@@ -22,6 +26,9 @@ use wisp_vmm::vstate::vm::Vm;
 
 const MEM_BYTES: u64 = 16 << 20;
 const VCPUS: u8 = 2;
+/// What the original VM's guest memory holds at `GUEST_PAGE_AT` when it is saved.
+const GUEST_PAGE: &[u8] = b"written by the guest before its snapshot";
+const GUEST_PAGE_AT: u64 = 0x20_0000;
 
 /// Distinctive values, each one a boot never sets.
 const RAX: u64 = 0x1111_2222_3333_4444;
@@ -324,13 +331,26 @@ fn vcpu_and_vm_state_survive_a_restore_into_a_fresh_vm() -> CaseResult {
     let here = Header::this_host(&vm.supported_cpuid, vm.tsc_deadline, config())?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("vm.snap");
-    Snapshot { header: here.clone(), vm: vm_state, vcpus: states, devices: Vec::new() }.save(&path)?;
+    // Guest memory: a page the guest wrote, saved to its own file.
+    vm.mem.write_slice(GUEST_PAGE, GuestAddress(GUEST_PAGE_AT))?;
+    let mem_path = dir.path().join("vm.mem");
+    let memory = save_memory(&vm.mem, &mem_path)?;
+    let legacy = LegacyState::default();
+    Snapshot { header: here.clone(), vm: vm_state, memory, vcpus: states, devices: Vec::new(), legacy }.save(&path)?;
     let loaded = Snapshot::load(&path, &here)?;
     println!("snapshot of {} vCPUs: {} bytes", loaded.vcpus.len(), std::fs::metadata(&path)?.len());
 
-    // A fresh VM, its vCPUs created but never configured: everything they end up with
-    // comes from the snapshot.
-    let fresh = Vm::new(MEM_BYTES).context("creating the second VM")?;
+    // A fresh VM on the memory file mapped copy-on-write, its vCPUs created but never
+    // configured: everything they end up with comes from the snapshot.
+    let mapped = map_memory(&mem_path, &loaded.memory)?;
+    let fresh = Vm::with_memory(MEM_BYTES, mapped).context("creating the second VM")?;
+    let mut page = vec![0u8; GUEST_PAGE.len()];
+    fresh.mem.read_slice(&mut page, GuestAddress(GUEST_PAGE_AT))?;
+    anyhow::ensure!(page == GUEST_PAGE, "the restored guest memory lacks the page the original wrote");
+    fresh.mem.write_slice(b"the restored VM's own", GuestAddress(GUEST_PAGE_AT))?;
+    let on_disk = std::fs::read(&mem_path)?;
+    let at = GUEST_PAGE_AT as usize;
+    anyhow::ensure!(&on_disk[at..at + GUEST_PAGE.len()] == GUEST_PAGE, "a restored VM's write reached the memory file");
     match loaded.vm.restore(&fresh.fd) {
         Err(e) if vm_unsupported(&e) => return Ok(unsupported("restore the VM state", &e)),
         r => r.context("restoring the VM state")?,

@@ -6,20 +6,22 @@
 //! ```text
 //! "WISPSNAP"            8 bytes, the magic
 //! version               u32, FORMAT_VERSION
-//! section*              header, vm, vcpu0 .. vcpuN-1, device0 .. deviceM-1, end:
-//!                       exactly this order (N >= 1, M >= 0)
-//!   kind                u16: 1 header, 2 vm, 3 vcpu, 4 end, 5 device
+//! section*              header, vm, memory, vcpu0 .. vcpuN-1, device0 .. deviceM-1,
+//!                       legacy, end: exactly this order (N >= 1, M >= 0)
+//!   kind                u16: 1 header, 2 vm, 3 vcpu, 4 end, 5 device, 6 memory,
+//!                       7 legacy
 //!   index               u16: the vCPU's or device's index, 0 for the others
 //!   length              u32: payload bytes, at most the kind's maximum
-//!   payload             `length` bytes (header.rs, vm.rs, vcpu.rs, transport.rs; end:
-//!                       u16 vCPU count, u16 device count)
+//!   payload             `length` bytes (header.rs, vm.rs, memory.rs, vcpu.rs,
+//!                       transport.rs, legacy.rs; end: u16 vCPU count, u16 device count)
 //!   crc32               u32: CRC-32 (zlib's) of kind, index, length and payload
 //! ```
 //!
 //! Devices are the VM's virtio-mmio transports in the order the VM configuration lists
 //! them (the header's configuration identity says which configuration that is).
 //!
-//! Nothing may follow the end section. Guest memory is not in this file.
+//! Nothing may follow the end section. Guest memory is not in this file but in a memory
+//! file of its own (`memory`), which the memory section names by its random id.
 //!
 //! Trust: `Snapshot::decode` takes any bytes: a truncated, corrupted or hand-made file
 //! gets a `FormatError` saying where and what, never a panic, and no length read from
@@ -31,6 +33,8 @@ use std::fmt;
 
 use super::codec::{crc32, FieldError, Reader, Writer};
 use super::header::Header;
+use super::legacy::LegacyState;
+use super::memory::MemoryIdentity;
 use super::transport::TransportState;
 use super::vcpu::VcpuState;
 use super::vm::VmState;
@@ -38,8 +42,8 @@ use super::vm::VmState;
 pub const MAGIC: [u8; 8] = *b"WISPSNAP";
 /// The layout of this file and of every struct in it (`kvm_structs`); a change to
 /// either gets a new version, and a file of another version is refused. Version 2 added
-/// the device sections.
-pub const FORMAT_VERSION: u32 = 2;
+/// the device sections, version 3 the memory and legacy sections.
+pub const FORMAT_VERSION: u32 = 3;
 /// The most vCPUs a snapshot holds (vCPU indexes are u8 in wisp-vmm).
 pub const MAX_VCPUS: usize = 255;
 /// The most devices a snapshot holds (wisp-vmm's MMIO device window has room for 32).
@@ -56,6 +60,8 @@ pub enum SectionKind {
     Vcpu = 3,
     End = 4,
     Device = 5,
+    Memory = 6,
+    Legacy = 7,
 }
 
 impl SectionKind {
@@ -66,6 +72,8 @@ impl SectionKind {
             3 => Self::Vcpu,
             4 => Self::End,
             5 => Self::Device,
+            6 => Self::Memory,
+            7 => Self::Legacy,
             _ => return None,
         })
     }
@@ -80,6 +88,8 @@ impl SectionKind {
             Self::Vcpu => 64 << 10,
             Self::End => 4,
             Self::Device => 4 << 10,
+            Self::Memory => 1 << 10,
+            Self::Legacy => 1 << 10,
         }
     }
 }
@@ -106,6 +116,8 @@ impl fmt::Display for SectionId {
             Some(SectionKind::Header) => "header",
             Some(SectionKind::Vm) => "vm",
             Some(SectionKind::End) => "end",
+            Some(SectionKind::Memory) => "memory",
+            Some(SectionKind::Legacy) => "legacy",
             None => return write!(f, "kind {}", self.tag),
         };
         match self.index {
@@ -154,10 +166,13 @@ pub enum FormatError {
 pub struct Snapshot {
     pub header: Header,
     pub vm: VmState,
+    /// Which memory file holds the guest's memory.
+    pub memory: MemoryIdentity,
     /// One per vCPU, by index; at least one, at most `MAX_VCPUS`.
     pub vcpus: Vec<VcpuState>,
     /// One per virtio-mmio device, in configuration order; at most `MAX_DEVICES`.
     pub devices: Vec<TransportState>,
+    pub legacy: LegacyState,
 }
 
 fn put_section(out: &mut Vec<u8>, kind: SectionKind, index: u16, payload: &[u8]) {
@@ -250,12 +265,14 @@ impl Snapshot {
         };
         section(&mut out, SectionKind::Header, 0, &|w| self.header.encode(w));
         section(&mut out, SectionKind::Vm, 0, &|w| self.vm.encode(w));
+        section(&mut out, SectionKind::Memory, 0, &|w| self.memory.encode(w));
         for (i, vcpu) in self.vcpus.iter().enumerate() {
             section(&mut out, SectionKind::Vcpu, i as u16, &|w| vcpu.encode(w));
         }
         for (i, device) in self.devices.iter().enumerate() {
             section(&mut out, SectionKind::Device, i as u16, &|w| device.encode(w));
         }
+        section(&mut out, SectionKind::Legacy, 0, &|w| self.legacy.encode(w));
         section(&mut out, SectionKind::End, 0, &|w| {
             w.count(self.vcpus.len());
             w.count(self.devices.len());
@@ -294,34 +311,28 @@ impl Snapshot {
         let s = next(&mut offset, "vm")?;
         s.expect(SectionKind::Vm, 0, "")?;
         let vm = s.decode(VmState::decode)?;
+        let s = next(&mut offset, "memory")?;
+        s.expect(SectionKind::Memory, 0, "")?;
+        let memory = s.decode(MemoryIdentity::decode)?;
 
         let mut vcpus: Vec<VcpuState> = Vec::new();
         let mut devices: Vec<TransportState> = Vec::new();
-        loop {
+        let legacy = loop {
             // What may come next: the next vCPU (always while there is none, and until
-            // the first device), the next device (once there is a vCPU), or the end.
+            // the first device), the next device (once there is a vCPU), or the legacy
+            // devices (once there is a vCPU), which the end follows.
             let (vcpu_index, device_index) = (vcpus.len() as u16, devices.len() as u16);
             let expected = match (vcpus.is_empty(), devices.is_empty()) {
                 (true, _) => "vcpu0".to_string(),
-                (false, true) => format!("vcpu{vcpu_index}, device0 or end"),
-                (false, false) => format!("device{device_index} or end"),
+                (false, true) => format!("vcpu{vcpu_index}, device0 or legacy"),
+                (false, false) => format!("device{device_index} or legacy"),
             };
             let s = next(&mut offset, &expected)?;
-            let out_of_order =
-                || FormatError::OutOfOrder { found: s.id, expected: expected.clone(), offset: s.offset };
+            let out_of_order = || FormatError::OutOfOrder { found: s.id, expected: expected.clone(), offset: s.offset };
             match s.kind {
-                SectionKind::End if !vcpus.is_empty() => {
-                    s.expect(SectionKind::End, 0, "")?;
-                    let (declared_vcpus, declared_devices) =
-                        s.decode(|r| Ok((r.u16("vCPU count")?, r.u16("device count")?)))?;
-                    if usize::from(declared_vcpus) != vcpus.len() {
-                        return Err(FormatError::VcpuCount { declared: declared_vcpus.into(), found: vcpus.len() });
-                    }
-                    if usize::from(declared_devices) != devices.len() {
-                        let (declared, found) = (declared_devices.into(), devices.len());
-                        return Err(FormatError::DeviceCount { declared, found });
-                    }
-                    break;
+                SectionKind::Legacy if !vcpus.is_empty() => {
+                    s.expect(SectionKind::Legacy, 0, "")?;
+                    break s.decode(LegacyState::decode)?;
                 }
                 SectionKind::Vcpu if devices.is_empty() && s.id.index == vcpu_index => {
                     if vcpus.len() == MAX_VCPUS {
@@ -337,10 +348,20 @@ impl Snapshot {
                 }
                 _ => return Err(out_of_order()),
             }
+        };
+        let s = next(&mut offset, "end")?;
+        s.expect(SectionKind::End, 0, "")?;
+        let (declared_vcpus, declared_devices) = s.decode(|r| Ok((r.u16("vCPU count")?, r.u16("device count")?)))?;
+        if usize::from(declared_vcpus) != vcpus.len() {
+            return Err(FormatError::VcpuCount { declared: declared_vcpus.into(), found: vcpus.len() });
+        }
+        if usize::from(declared_devices) != devices.len() {
+            let (declared, found) = (declared_devices.into(), devices.len());
+            return Err(FormatError::DeviceCount { declared, found });
         }
         if offset != bytes.len() {
             return Err(FormatError::TrailingData { offset, len: bytes.len() - offset });
         }
-        Ok(Self { header, vm, vcpus, devices })
+        Ok(Self { header, vm, memory, vcpus, devices, legacy })
     }
 }

@@ -1,11 +1,13 @@
-//! Snapshots of a micro-VM's KVM state, the first part of VM templates (issue 18):
-//! the vCPUs' registers, MSRs, FPU/XSAVE, LAPIC, pending events and MP state
-//! (`vcpu`), the in-kernel PICs, IOAPIC, PIT and the kvmclock (`vm`), in a versioned,
-//! checksummed file (`format`) whose header says what it may be restored on
-//! (`header`); and each virtio-mmio transport's registers and queue positions
-//! (`transport`, saved and restored by `devices::virtio::mmio`).
-//! The device models' own state beyond their queues, guest memory, and the wiring into
-//! the CLI, the control API and the shim are not here yet.
+//! Snapshots of a micro-VM, the first part of VM templates (issue 18): the vCPUs'
+//! registers, MSRs, FPU/XSAVE, LAPIC, pending events and MP state (`vcpu`), the
+//! in-kernel PICs, IOAPIC, PIT and the kvmclock (`vm`), each virtio-mmio transport's
+//! registers and queue positions (`transport`, saved and restored by
+//! `devices::virtio::mmio`) and the serial console's UART (`legacy`), in a versioned,
+//! checksummed file (`format`) whose header says what it may be restored on (`header`);
+//! and guest memory in a file of its own, mapped back copy-on-write (`memory`).
+//! The virtio device models' own state beyond their queues (vsock connections,
+//! virtio-fs inodes), pausing and resuming a running VM, and the wiring into the CLI,
+//! the control API and the shim are not here yet.
 //!
 //! Trust: a snapshot file is read back by later VMMs, possibly after the VMM that wrote
 //! it was compromised by its guest, and files get truncated or corrupted: parsing
@@ -17,6 +19,8 @@ pub mod codec;
 pub mod format;
 pub mod header;
 pub mod kvm_structs;
+pub mod legacy;
+pub mod memory;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;

@@ -6,21 +6,38 @@
 use super::codec::{crc32, FieldError};
 use super::format::{FormatError, SectionId, Snapshot, FORMAT_VERSION, MAGIC};
 use super::header::tests::sample as sample_header;
+use super::legacy::{LegacyState, SerialRegs};
+use super::memory::MemoryIdentity;
 use super::transport::tests::sample as sample_device;
 use super::transport::TransportState;
 use super::vcpu::tests::sample as sample_vcpu;
 use super::vm::tests::sample as sample_vm;
 use super::{Mismatch, SnapshotError, MAX_FILE_BYTES};
 
-/// A snapshot with `vcpus` vCPUs and two devices (a running vsock-like transport, and an
-/// rng the driver never started).
+/// A snapshot with `vcpus` vCPUs, two devices (a running vsock-like transport, and an
+/// rng the driver never started), a memory file of two regions and a serial console.
 fn sample(vcpus: u64) -> Snapshot {
     let devices = vec![sample_device(), TransportState { device_type: 4, ..TransportState::default() }];
     Snapshot {
         header: sample_header(),
         vm: sample_vm(1),
+        memory: MemoryIdentity { id: *b"0123456789abcdef", regions: vec![(0, 0xc000_0000), (1 << 32, 0x4000_0000)] },
         vcpus: (0..vcpus).map(|i| sample_vcpu(100 + i)).collect(),
         devices,
+        legacy: LegacyState {
+            serial: Some(SerialRegs {
+                baud_divisor_low: 1,
+                baud_divisor_high: 0,
+                interrupt_enable: 2,
+                interrupt_identification: 0xc2,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0x5a,
+                in_buffer: b"typed".to_vec(),
+            }),
+        },
     }
 }
 
@@ -91,11 +108,11 @@ fn another_magic_is_refused() {
 #[test]
 fn another_format_version_is_refused() {
     let mut bytes = sample(1).encode();
-    // Version 1 had no device sections; a file of it is refused, not misread.
-    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    // Version 2 had no memory or legacy sections; a file of it is refused, not misread.
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
     let e = Snapshot::decode(&bytes).unwrap_err();
-    assert_eq!(e, FormatError::Version { found: 1, expected: FORMAT_VERSION });
-    assert_eq!(e.to_string(), "snapshot format version 1, this wisp-vmm reads version 2");
+    assert_eq!(e, FormatError::Version { found: 2, expected: FORMAT_VERSION });
+    assert_eq!(e.to_string(), "snapshot format version 2, this wisp-vmm reads version 3");
 }
 
 #[test]
@@ -113,7 +130,11 @@ fn a_snapshot_truncated_anywhere_is_refused() {
     let all = sections(&bytes);
     let without_end = assemble(&all[..all.len() - 1]);
     let e = Snapshot::decode(&without_end).unwrap_err();
-    assert_eq!(e.to_string(), format!("the snapshot ends at byte {} without section device2 or end", without_end.len()));
+    assert_eq!(e.to_string(), format!("the snapshot ends at byte {} without section end", without_end.len()));
+    let without_legacy = assemble(&all[..all.len() - 2]);
+    let e = Snapshot::decode(&without_legacy).unwrap_err();
+    let msg = format!("the snapshot ends at byte {} without section device2 or legacy", without_legacy.len());
+    assert_eq!(e.to_string(), msg);
     // Inside a section: which one, and how much is missing.
     let header_len = all[0].2.len();
     let e = Snapshot::decode(&bytes[..12 + 8 + 100]).unwrap_err();
@@ -133,7 +154,7 @@ fn a_flipped_byte_anywhere_is_refused() {
     }
     // In a payload: the checksum names the section.
     let all = sections(&bytes);
-    let vcpu0_at = 12 + 8 + all[0].2.len() + 4 + 8 + all[1].2.len() + 4;
+    let vcpu0_at = 12 + all[..3].iter().map(|s| 8 + s.2.len() + 4).sum::<usize>();
     let mut damaged = bytes.clone();
     damaged[vcpu0_at + 8 + 300] ^= 0x80;
     let e = Snapshot::decode(&damaged).unwrap_err();
@@ -175,54 +196,108 @@ fn an_oversized_length_is_refused_before_allocating() {
 #[test]
 fn sections_out_of_order_duplicated_or_missing_are_refused() {
     let all = sections(&sample(2).encode());
-    let (header, vm, vcpu0, vcpu1) = (all[0].clone(), all[1].clone(), all[2].clone(), all[3].clone());
-    let (device0, device1) = (all[4].clone(), all[5].clone());
+    assert_eq!(all.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 6, 3, 3, 5, 5, 7, 4]);
+    let (header, vm, memory, vcpu0, vcpu1) =
+        (all[0].clone(), all[1].clone(), all[2].clone(), all[3].clone(), all[4].clone());
+    let (device0, device1, legacy) = (all[5].clone(), all[6].clone(), all[7].clone());
     let end = |vcpus| end(vcpus, 0);
     let err = |s: &[(u16, u16, Vec<u8>)]| Snapshot::decode(&assemble(s)).unwrap_err().to_string();
+    let (h, v, m) = (header.clone(), vm.clone(), memory.clone());
 
     // Order.
     assert!(err(&[vm.clone(), header.clone()]).starts_with("section vm at byte 12 where section header belongs"));
-    let msg = err(&[header.clone(), vm.clone(), vcpu1.clone(), vcpu0.clone(), end(2)]);
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu1.clone(), vcpu0.clone(), legacy.clone(), end(2)]);
     assert!(msg.starts_with("section vcpu1 at byte") && msg.ends_with("where section vcpu0 belongs"), "{msg}");
+    let msg = err(&[h.clone(), m.clone(), v.clone()]);
+    assert!(msg.starts_with("section memory at byte") && msg.ends_with("where section vm belongs"), "{msg}");
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), end(1)]);
+    assert!(
+        msg.starts_with("section end at byte") && msg.ends_with("where section vcpu1, device0 or legacy belongs"),
+        "{msg}"
+    );
     // Duplicates.
-    let msg = err(&[header.clone(), header.clone(), vm.clone(), vcpu0.clone(), end(1)]);
+    let msg = err(&[h.clone(), h.clone(), v.clone(), m.clone(), vcpu0.clone(), legacy.clone(), end(1)]);
     assert!(msg.contains("section header at byte") && msg.ends_with("where section vm belongs"), "{msg}");
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), vcpu0.clone(), end(2)]);
-    assert!(msg.starts_with("section vcpu0 at byte") && msg.ends_with("where section vcpu1, device0 or end belongs"), "{msg}");
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), end(1), end(1)]);
+    let msg = err(&[h.clone(), v.clone(), m.clone(), m.clone()]);
+    assert!(msg.starts_with("section memory at byte") && msg.ends_with("where section vcpu0 belongs"), "{msg}");
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), vcpu0.clone(), legacy.clone(), end(2)]);
+    assert!(
+        msg.starts_with("section vcpu0 at byte") && msg.ends_with("where section vcpu1, device0 or legacy belongs"),
+        "{msg}"
+    );
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), legacy.clone(), legacy.clone(), end(1)]);
+    assert!(msg.starts_with("section legacy at byte") && msg.ends_with("where section end belongs"), "{msg}");
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), legacy.clone(), end(1), end(1)]);
     assert!(msg.contains("bytes follow the end section"), "{msg}");
     // Missing.
-    assert!(err(&[header.clone(), vcpu0.clone(), end(1)]).contains("where section vm belongs"));
-    assert!(err(&[header.clone(), vm.clone(), end(0)]).contains("section end at byte"));
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), end(2)]);
+    assert!(err(&[h.clone(), vcpu0.clone(), end(1)]).contains("where section vm belongs"));
+    assert!(
+        err(&[h.clone(), v.clone(), vcpu0.clone(), legacy.clone(), end(1)]).contains("where section memory belongs")
+    );
+    assert!(err(&[h.clone(), v.clone(), m.clone(), legacy.clone(), end(0)]).contains("section legacy at byte"));
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), legacy.clone(), end(2)]);
     assert_eq!(msg, "the end section says 2 vCPUs, the snapshot has 1");
-    assert!(err(&[header.clone(), vm.clone()]).ends_with("without section vcpu0"));
+    assert!(err(&[h.clone(), v.clone(), m.clone()]).ends_with("without section vcpu0"));
+    assert!(err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), legacy.clone()]).ends_with("without section end"));
     // Devices: after every vCPU, in order, counted by the end section.
-    let good = [header.clone(), vm.clone(), vcpu0.clone(), device0.clone(), device1.clone(), super::tests::end(1, 2)];
+    let good = [
+        h.clone(),
+        v.clone(),
+        m.clone(),
+        vcpu0.clone(),
+        device0.clone(),
+        device1.clone(),
+        legacy.clone(),
+        super::tests::end(1, 2),
+    ];
     assert_eq!(Snapshot::decode(&assemble(&good)).unwrap().devices.len(), 2);
-    let msg = err(&[header.clone(), vm.clone(), device0.clone()]);
+    let msg = err(&[h.clone(), v.clone(), m.clone(), device0.clone()]);
     assert!(msg.starts_with("section device0 at byte") && msg.ends_with("where section vcpu0 belongs"), "{msg}");
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), device0.clone(), vcpu1.clone()]);
-    assert!(msg.starts_with("section vcpu1 at byte") && msg.ends_with("where section device1 or end belongs"), "{msg}");
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), device1.clone()]);
-    assert!(msg.starts_with("section device1 at byte") && msg.ends_with("where section vcpu1, device0 or end belongs"), "{msg}");
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), device0.clone(), super::tests::end(1, 0)]);
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), device0.clone(), vcpu1.clone()]);
+    assert!(
+        msg.starts_with("section vcpu1 at byte") && msg.ends_with("where section device1 or legacy belongs"),
+        "{msg}"
+    );
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), device1.clone()]);
+    assert!(
+        msg.starts_with("section device1 at byte") && msg.ends_with("where section vcpu1, device0 or legacy belongs"),
+        "{msg}"
+    );
+    let msg = err(&[
+        h.clone(),
+        v.clone(),
+        m.clone(),
+        vcpu0.clone(),
+        device0.clone(),
+        legacy.clone(),
+        super::tests::end(1, 0),
+    ]);
     assert_eq!(msg, "the end section says 0 devices, the snapshot has 1");
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), (4, 0, 1u16.to_le_bytes().to_vec())]);
+    let msg =
+        err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), legacy.clone(), (4, 0, 1u16.to_le_bytes().to_vec())]);
     assert_eq!(msg, "section end: reading device count needs 2 bytes at offset 2, only 0 left");
     let mut bad_device = device0.clone();
     bad_device.2[36] = 7;
-    let msg = err(&[header.clone(), vm.clone(), vcpu0.clone(), bad_device]);
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), bad_device]);
     assert_eq!(msg, "section device0: reactivation refused is 7, which is not valid here");
+    // Bad content in the memory and legacy sections.
+    let mut bad_memory = memory.clone();
+    bad_memory.2[16 + 2 + 16] = 1; // the second region's address, off its page
+    let msg = err(&[h.clone(), v.clone(), bad_memory]);
+    assert_eq!(msg, "section memory: region address (not page-aligned) is 4294967297, which is not valid here");
+    let mut long_fifo = legacy.clone();
+    long_fifo.2[10..12].copy_from_slice(&65u16.to_le_bytes());
+    let msg = err(&[h.clone(), v.clone(), m.clone(), vcpu0.clone(), long_fifo]);
+    assert!(msg.starts_with("section legacy: serial receive FIFO has 65 entries, at most 64"), "{msg}");
     // Unknown kinds and stray indexes.
-    let msg = err(&[header.clone(), (9, 0, vec![1, 2, 3])]);
+    let msg = err(&[h.clone(), (9, 0, vec![1, 2, 3])]);
     assert!(msg.ends_with("is of a kind this wisp-vmm does not know") && msg.starts_with("section kind 9"), "{msg}");
     let msg = err(&[(1, 5, header.2.clone())]);
     assert!(msg.starts_with("section header#5 at byte 12 where section header belongs"), "{msg}");
     // Bytes left over inside a section.
     let mut long_vm = vm.clone();
     long_vm.2.push(0);
-    assert_eq!(err(&[header.clone(), long_vm]), "section vm: 1 bytes follow the last field");
+    assert_eq!(err(&[h.clone(), long_vm]), "section vm: 1 bytes follow the last field");
 }
 
 #[test]
@@ -272,10 +347,10 @@ fn damaged_and_oversized_files_are_refused_on_load() {
     let path = dir.path().join("vm.snap");
     let s = sample(1);
     let mut bytes = s.encode();
-    bytes.truncate(bytes.len() - 22); // the end section (16 bytes) and 6 of device1
+    bytes.truncate(bytes.len() - 18); // the end section (16 bytes) and 2 of legacy
     std::fs::write(&path, &bytes).unwrap();
     let msg = Snapshot::load(&path, &s.header).unwrap_err().to_string();
-    assert!(msg.starts_with(&format!("snapshot {}: section device1 truncated", path.display())), "{msg}");
+    assert!(msg.starts_with(&format!("snapshot {}: section legacy truncated", path.display())), "{msg}");
 
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(MAX_FILE_BYTES + 1).unwrap();

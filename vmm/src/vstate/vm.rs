@@ -19,6 +19,8 @@ pub enum VmError {
     CreateVm(kvm_ioctls::Error),
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Memory { mib: u64, reason: String },
+    #[error("guest memory of {mib} MiB must have the regions {want:x?}, this has {have:x?}")]
+    MemoryLayout { mib: u64, want: Vec<(u64, u64)>, have: Vec<(u64, u64)> },
     #[error("registering guest memory with KVM: {0}")]
     SetMemory(kvm_ioctls::Error),
     #[error("setting up the in-kernel interrupt controllers: {0}")]
@@ -49,6 +51,22 @@ impl Vm {
     /// Creates a VM with `mem_bytes` of lazily allocated guest memory (nothing is
     /// touched until the guest uses it) and the in-kernel irqchip and PIT.
     pub fn new(mem_bytes: u64) -> Result<Self, VmError> {
+        let ranges: Vec<(GuestAddress, usize)> =
+            layout::ram_regions(mem_bytes).into_iter().map(|(a, l)| (GuestAddress(a), l as usize)).collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| VmError::Memory { mib: mem_bytes >> 20, reason: e.to_string() })?;
+        Self::with_memory(mem_bytes, mem)
+    }
+
+    /// Creates a VM on guest memory made elsewhere (a snapshot's memory file mapped by
+    /// `snapshot::memory::map_memory`), which must have exactly the RAM regions the
+    /// layout gives `mem_bytes`.
+    pub fn with_memory(mem_bytes: u64, mem: GuestMemoryMmap) -> Result<Self, VmError> {
+        let have: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+        let want = layout::ram_regions(mem_bytes);
+        if have != want {
+            return Err(VmError::MemoryLayout { mib: mem_bytes >> 20, want, have });
+        }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -62,12 +80,6 @@ impl Vm {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VmError::Cpuid)?;
 
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_bytes)
-            .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| VmError::Memory { mib: mem_bytes >> 20, reason: e.to_string() })?;
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -89,5 +101,17 @@ impl Vm {
 
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(Self { kvm, fd, mem, mem_bytes, supported_cpuid, tsc_deadline })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_laid_out_otherwise_than_the_layout_is_refused_before_kvm_is_opened() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let e = Vm::with_memory(16 << 20, mem).err().expect("refused").to_string();
+        assert_eq!(e, "guest memory of 16 MiB must have the regions [(0, 1000000)], this has [(0, 800000)]");
     }
 }

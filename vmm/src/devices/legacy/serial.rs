@@ -8,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::snapshot::legacy::SerialRegs;
 
 /// Raises an interrupt line through a KVM irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -30,6 +31,27 @@ impl SerialConsole {
         let mut w = ConsoleWriter::new(out);
         w.limit = limit;
         Self { uart: Serial::new(IrqTrigger(irq), w) }
+    }
+
+    /// A console on a snapshot's UART state (`snapshot::legacy`): registers and receive
+    /// FIFO as the guest left them; an interrupt the state has pending is raised again.
+    /// A FIFO longer than the UART's is refused.
+    pub fn restore(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        limit: Option<u64>,
+        state: &SerialRegs,
+    ) -> Result<Self, String> {
+        let mut w = ConsoleWriter::new(out);
+        w.limit = limit;
+        let uart = Serial::from_state(&state.into(), IrqTrigger(irq), vm_superio::serial::NoEvents, w)
+            .map_err(|e| format!("restoring the serial console: {e:?}"))?;
+        Ok(Self { uart })
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot (the VM is paused).
+    pub fn save_state(&self) -> SerialRegs {
+        self.uart.state().into()
     }
 
     /// Writes out a last line that has no newline yet (the VM ended, or a test looks).
@@ -151,6 +173,36 @@ mod tests {
             w.write_all(&[*b]).unwrap();
             w.flush().unwrap();
         }
+    }
+
+    #[test]
+    fn the_uart_state_round_trips_and_a_pending_interrupt_is_raised_again() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut console = SerialConsole::new(irq.try_clone().unwrap(), Box::new(io::sink()), None);
+        // The driver sets the line control, a divisor, the scratch register, and enables
+        // the transmit-empty interrupt (which the UART raises at once).
+        console.write(3, &[0x83]);
+        console.write(0, &[0x01]);
+        console.write(3, &[0x03]);
+        console.write(7, &[0x5a]);
+        console.write(1, &[0x02]);
+        assert_eq!(irq.read().unwrap(), 1);
+        let saved = console.save_state();
+        assert_eq!((saved.line_control, saved.scratch, saved.interrupt_enable), (0x03, 0x5a, 0x02));
+
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored =
+            SerialConsole::restore(irq2.try_clone().unwrap(), Box::new(io::sink()), None, &saved).unwrap();
+        assert_eq!(restored.save_state(), saved);
+        assert_eq!(irq2.read().unwrap(), 1, "the pending transmit-empty interrupt is raised again");
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+
+        let mut too_long = saved.clone();
+        too_long.in_buffer = vec![0; 65];
+        let e = SerialConsole::restore(irq2, Box::new(io::sink()), None, &too_long).err().unwrap();
+        assert!(e.contains("serial console"), "{e}");
     }
 
     #[test]

@@ -261,7 +261,11 @@ fn results(report: &Path) -> anyhow::Result<BTreeMap<String, (String, String)>> 
             name.push(spec["LeafNodeText"].as_str().unwrap_or_default().to_string());
             let state = spec["State"].as_str().unwrap_or("unknown").to_string();
             let msg = spec["Failure"]["Message"].as_str().unwrap_or_default();
-            let msg = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
+            let mut msg = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
+            // Where it failed (a BeforeEach's pod start, an AfterEach's teardown, the It).
+            if let Some(node) = spec["Failure"]["FailureNodeType"].as_str().filter(|n| !n.is_empty()) {
+                msg = format!("in {node}: {msg}");
+            }
             out.insert(name.join(" "), (state, msg));
         }
     }
@@ -372,7 +376,10 @@ fn main() -> anyhow::Result<()> {
     let mut reruns: BTreeMap<String, String> = BTreeMap::new();
     let failed = failed_where_runc_passed(&runc, &wisp);
     if !failed.is_empty() && emulator_fault(&c.log()) {
-        eprintln!("conformance: a nested guest triple-faulted or stalled; {} failed spec(s) run once more", failed.len());
+        eprintln!(
+            "conformance: a nested guest triple-faulted or stalled; {} failed spec(s) run once more",
+            failed.len()
+        );
         let again = run_critest(&c, &args, "wisp", &wisp_skip, Some(&focus_on(&failed)), "wisp-rerun");
         for (spec, (state, _)) in results(&again?)? {
             if short(&state) == "pass" && failed.contains(&spec) {
@@ -399,7 +406,9 @@ fn main() -> anyhow::Result<()> {
         let (ws, wm) = wisp.get(spec).map(|(s, m)| (short(s), m.as_str())).unwrap_or(("-", ""));
         let rerun = reruns.get(spec);
         if rs == "pass" && ws != "pass" && !(ws == "skip" && vm_skip_reason(spec).is_some()) {
-            short_of_runc.push(format!("{spec} (wisp: {ws})"));
+            // The failure's own words, first: the table the CI log shows may be cut.
+            let why: String = wm.chars().take(600).collect();
+            short_of_runc.push(format!("{spec} (wisp: {ws}): {why}"));
         }
         *counts.entry(("runc", rs)).or_default() += 1;
         *counts.entry(("wisp", if rerun.is_some() { "rerun" } else { ws })).or_default() += 1;

@@ -5,9 +5,10 @@
 //! `devices::virtio::mmio`) and the serial console's UART (`legacy`), in a versioned,
 //! checksummed file (`format`) whose header says what it may be restored on (`header`);
 //! and guest memory in a file of its own, mapped back copy-on-write (`memory`).
-//! The virtio device models' own state beyond their queues (vsock connections,
-//! virtio-fs inodes), pausing and resuming a running VM, and the wiring into the CLI,
-//! the control API and the shim are not here yet.
+//! What a virtio device model keeps beyond its queues (vsock connections, a mounted
+//! share's inodes) is never carried: the snapshot is refused while a model holds any.
+//! Pausing and resuming a running VM, and the wiring into the CLI, the control API and
+//! the shim are not here yet.
 //!
 //! Trust: a snapshot file is read back by later VMMs, possibly after the VMM that wrote
 //! it was compromised by its guest, and files get truncated or corrupted: parsing

@@ -6,8 +6,9 @@
 //! `MmioTransport::restore` (`devices::virtio::mmio::state`), which also checks it.
 //!
 //! What a device model keeps beyond its queues (a vsock's connections, virtio-fs's
-//! inodes) is not here: a device whose model cannot give its queue positions is not
-//! snapshotted while active (`VirtioDevice::queue_positions`).
+//! inodes) is not here: a model holding such state refuses to give its queue
+//! positions, saying why (`VirtioDevice::queue_positions`), and the snapshot is refused
+//! until it no longer does (the connections closed, the share not mounted).
 //!
 //! Trust: `decode` bounds every count; the values themselves are whatever a guest could
 //! have written to the registers, and `restore` checks them as it would a driver's.

@@ -674,9 +674,11 @@ mod tests {
         fn is_activated(&self) -> bool {
             self.activated_with.is_some()
         }
-        fn queue_positions(&self) -> Option<Vec<super::super::QueuePosition>> {
-            let positions = self.queues.iter().map(super::super::QueuePosition::of);
-            self.snapshottable.then(|| positions.collect())
+        fn queue_positions(&self) -> Result<Vec<super::super::QueuePosition>, String> {
+            if !self.snapshottable {
+                return Err("the fake holds a connection".into());
+            }
+            Ok(self.queues.iter().map(super::super::QueuePosition::of).collect())
         }
     }
 

@@ -101,11 +101,12 @@ pub trait VirtioDevice: Send {
     }
     fn is_activated(&self) -> bool;
     /// For a snapshot of an active device: its place in each queue, in queue order, read
-    /// while the device thread is stopped. `None` (the default) when the model holds
-    /// state beyond its queues that a snapshot does not carry yet (connections, open
-    /// files); such a device is not snapshotted while active.
-    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
-        None
+    /// while the device thread is stopped. An error (the default) says why not: the
+    /// model holds state beyond its queues that a snapshot does not carry (open
+    /// connections, a mounted share's open files); such a device is not snapshotted
+    /// while it does.
+    fn queue_positions(&self) -> Result<Vec<QueuePosition>, String> {
+        Err("its model keeps state a snapshot does not carry".into())
     }
 }
 pub mod block;

@@ -338,8 +338,8 @@ impl VirtioDevice for Block {
 
     /// Only the queue: requests are served whole on the device thread, so none is
     /// half-done while it is stopped.
-    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
-        Some(self.active.as_ref().map(|a| QueuePosition::of(&a.queue)).into_iter().collect())
+    fn queue_positions(&self) -> Result<Vec<QueuePosition>, String> {
+        Ok(self.active.as_ref().map(|a| QueuePosition::of(&a.queue)).into_iter().collect())
     }
 }
 

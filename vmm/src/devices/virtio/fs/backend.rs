@@ -222,6 +222,9 @@ pub struct GuardedFs {
     xattr: bool,
     cache: CacheMode,
     holdings: Holdings,
+    /// Between FUSE INIT and DESTROY (or a device reset): the guest has the share
+    /// mounted, and the inodes and handles it holds live here.
+    session: AtomicBool,
 }
 
 impl GuardedFs {
@@ -259,7 +262,13 @@ impl GuardedFs {
             xattr: config.xattr,
             cache: config.cache,
             holdings: Holdings::new(config),
+            session: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the guest has a FUSE session (the share mounted) on this file system.
+    pub fn session_live(&self) -> bool {
+        self.session.load(Ordering::SeqCst)
     }
 
     /// (distinct inodes, open handles) held for the guest.
@@ -302,12 +311,14 @@ impl FileSystem for GuardedFs {
             CacheMode::Always => want |= FsOptions::CACHE_SYMLINKS,
             CacheMode::Never => {}
         }
+        self.session.store(true, Ordering::SeqCst);
         Ok(want & !REFUSED_OPTIONS)
     }
 
     fn destroy(&self) {
         self.inner.destroy();
         self.holdings.clear();
+        self.session.store(false, Ordering::SeqCst);
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {

@@ -20,7 +20,7 @@ use super::config::{ConfigError, SharedDirConfig, TAG_MAX_LEN};
 use super::request;
 use crate::devices::virtio::{
     ignore_config_write, kick_queues, read_config_space, ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue,
-    QueueT, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
+    QueuePosition, QueueT, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
 };
 
 /// Size of each request queue. Linux caps a request at the queue size minus 4 pages, so
@@ -267,5 +267,19 @@ impl VirtioDevice for SharedDir {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// Every queue the driver set up: requests are served whole on the device thread.
+    /// Only before the guest mounts the share (a VM template is taken then): once it
+    /// has, the inodes and open files of its FUSE session live in this VMM and a
+    /// snapshot does not carry them.
+    fn queue_positions(&self) -> Result<Vec<QueuePosition>, String> {
+        if self.fs.session_live() {
+            return Err(format!(
+                "the guest has virtio-fs share '{}' mounted; its FUSE session's inodes and open files live in this VMM",
+                self.tag
+            ));
+        }
+        Ok(self.active.as_ref().map(|a| a.queues.iter().map(QueuePosition::of).collect()).unwrap_or_default())
     }
 }

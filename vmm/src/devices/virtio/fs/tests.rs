@@ -663,3 +663,19 @@ fn readdirplus_past_the_inode_cap_lists_names_without_inodes() {
     assert!(d.lookup(ROOT_ID, &skipped).is_ok());
     d.releasedir(ROOT_ID, dh).unwrap();
 }
+
+#[test]
+fn a_snapshot_is_taken_only_while_the_share_is_not_mounted() {
+    let dir = share();
+    let mut d = FuseDriver::new(&config(&dir));
+    let before = d.dev.queue_positions().expect("an unmounted share can be snapshotted");
+    assert_eq!(before.len(), 2, "hiprio and the request queue");
+    d.init().unwrap();
+    let e = d.dev.queue_positions().unwrap_err();
+    assert!(e.starts_with("the guest has virtio-fs share 'wisp-test' mounted"), "{e}");
+    // Unmounted again (FUSE DESTROY): its session is gone, the queues moved on.
+    let used = d.submit_raw(REQUEST_QUEUE, &header(Opcode::Destroy as u32, 90, 40), 4096);
+    assert_eq!(d.reply(used).0.error, 0);
+    let after = d.dev.queue_positions().expect("the session ended");
+    assert_eq!(after[REQUEST_QUEUE].next_avail, before[REQUEST_QUEUE].next_avail.wrapping_add(2));
+}

@@ -22,8 +22,8 @@ use crate::snapshot::{QueueState, TransportState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportStateError {
-    #[error("device type {device_type} cannot be snapshotted while active: its model keeps state a snapshot does not carry yet")]
-    NotSnapshottable { device_type: u32 },
+    #[error("device type {device_type} cannot be snapshotted now: {reason}")]
+    NotSnapshottable { device_type: u32, reason: String },
     #[error("device type {device_type} gave {got} queue positions for its {want} ready queues")]
     PositionCount { device_type: u32, got: usize, want: usize },
     #[error("the saved transport is of device type {saved}, this one is of device type {here}")]
@@ -63,8 +63,9 @@ impl MmioTransport {
         let positions = {
             let device = lock(&self.device);
             if device.is_activated() {
-                let positions =
-                    device.queue_positions().ok_or(TransportStateError::NotSnapshottable { device_type })?;
+                let positions = device
+                    .queue_positions()
+                    .map_err(|reason| TransportStateError::NotSnapshottable { device_type, reason })?;
                 if positions.len() != ready {
                     return Err(TransportStateError::PositionCount { device_type, got: positions.len(), want: ready });
                 }
@@ -269,8 +270,8 @@ mod tests {
         let rig = running();
         rig.fake.lock().unwrap().snapshottable = false;
         let err = rig.mmio.save_state().unwrap_err();
-        assert!(matches!(err, TransportStateError::NotSnapshottable { device_type: 4 }), "{err}");
-        assert!(err.to_string().contains("cannot be snapshotted while active"));
+        assert!(matches!(err, TransportStateError::NotSnapshottable { device_type: 4, .. }), "{err}");
+        assert_eq!(err.to_string(), "device type 4 cannot be snapshotted now: the fake holds a connection");
     }
 
     #[test]

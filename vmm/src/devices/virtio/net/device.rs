@@ -26,7 +26,7 @@ use super::tx::TxPath;
 use super::{MacAddr, MIN_MTU};
 use crate::devices::virtio::{
     exact_queues, ignore_config_write, read_config_space, ActivateError, GuestWarnings, Interrupt, InterruptKind,
-    Queue, QueueT, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    Queue, QueuePosition, QueueT, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 
 /// Entries per queue.
@@ -303,5 +303,17 @@ impl VirtioDevice for Net {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// Receive and transmit queue. Frames move whole on the device thread, but one
+    /// received frame may wait for enough guest buffers with some chains already taken
+    /// for it: the snapshot's receive queue resumes at the first of those chains (so
+    /// the guest gets them back) and the frame itself is not carried, as if lost on the
+    /// wire. A restored device reads a new tap.
+    fn queue_positions(&self) -> Result<Vec<QueuePosition>, String> {
+        let Some(active) = &self.active else { return Ok(Vec::new()) };
+        let mut rx = QueuePosition::of(&active.rx);
+        rx.next_avail = rx.next_avail.wrapping_sub(self.rx.reserved_chains());
+        Ok(vec![rx, QueuePosition::of(&active.tx)])
     }
 }

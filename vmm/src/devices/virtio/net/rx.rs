@@ -145,6 +145,13 @@ impl RxPath {
         self.starved
     }
 
+    /// Chains taken from the avail ring for the pending frame and not yet used: the
+    /// last ones taken (every chain before them was used).
+    pub fn reserved_chains(&self) -> u16 {
+        // At most a queue's worth (256).
+        self.reserved.len() as u16
+    }
+
     #[cfg(test)]
     pub fn pending(&self) -> Option<usize> {
         self.pending

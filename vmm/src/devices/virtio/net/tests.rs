@@ -8,7 +8,9 @@ use super::device::{tap_offloads, RXQ, TXQ};
 use super::test_utils::{frame, refusing_tap, Options, TestNet, EVENT_IDX, GUEST_MAC, MEM_SIZE, NEXT, READ, WRITE};
 use super::*;
 use crate::devices::virtio::test_utils::RecordingInterrupt;
-use crate::devices::virtio::{ActivateError, InterruptKind, Queue, QueueT, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, InterruptKind, Queue, QueuePosition, QueueT, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+};
 
 const fn bit(feature: u32) -> u64 {
     1 << feature
@@ -527,4 +529,21 @@ impl TestNet {
         self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
     }
+}
+
+#[test]
+fn a_snapshot_gives_back_the_chains_a_waiting_frame_took() {
+    let mut t = TestNet::new();
+    assert_eq!(t.device.lock().unwrap().queue_positions().unwrap().len(), 2, "receive and transmit");
+    t.post_rx(2, 1024);
+    t.pump();
+    t.host_send(&frame(4000, 17));
+    t.pump();
+    assert_eq!(t.rx.used_idx(), 0, "the frame waits for more buffers");
+    let device = t.device.lock().unwrap();
+    assert_eq!(device.rx.reserved_chains(), 2, "it holds both chains the guest posted");
+    let positions = device.queue_positions().unwrap();
+    assert_eq!(QueuePosition::of(&device.active.as_ref().unwrap().rx).next_avail, 2);
+    assert_eq!(positions[RXQ].next_avail, 0, "a restored device takes both chains again");
+    assert_eq!(positions[RXQ].next_used, 0);
 }

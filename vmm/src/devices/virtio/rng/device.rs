@@ -12,8 +12,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::virtio::{
-    exact_queues, ignore_config_write, kick_queues, ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue, QueuePosition,
-    QueueT, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    exact_queues, ignore_config_write, kick_queues, ActivateError, GuestWarnings, Interrupt, InterruptKind, Queue,
+    QueuePosition, QueueT, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 /// Size of the request queue.
@@ -270,8 +270,8 @@ impl VirtioDevice for Rng {
 
     /// Only the queue: requests are served whole on the device thread, so none is
     /// half-done while it is stopped.
-    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
-        Some(self.active.as_ref().map(|a| QueuePosition::of(&a.queue)).into_iter().collect())
+    fn queue_positions(&self) -> Result<Vec<QueuePosition>, String> {
+        Ok(self.active.as_ref().map(|a| QueuePosition::of(&a.queue)).into_iter().collect())
     }
 }
 

@@ -24,7 +24,7 @@ use super::packet::{read_tx_packet, RxBuffer, MAX_PKT_DATA};
 use super::{Timeouts, VSOCK_HOST_CID};
 use crate::devices::virtio::{
     exact_queues, ignore_config_write, read_config_space, ActivateError, GuestWarnings, Interrupt, InterruptKind,
-    Queue, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    Queue, QueuePosition, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Entries per queue.
@@ -50,8 +50,9 @@ struct ActiveQueues {
     interrupt: Arc<dyn Interrupt>,
     rx: Queue,
     tx: Queue,
-    /// Holds no buffers we use: no transport events are ever sent.
-    _event: Queue,
+    /// Holds no buffers we use: no transport events are ever sent (its position is
+    /// saved in a snapshot all the same).
+    event: Queue,
 }
 
 pub struct Vsock {
@@ -275,7 +276,7 @@ impl VirtioDevice for Vsock {
         self.control_event
             .write(1)
             .map_err(|e| ActivateError::Device(format!("vsock: cannot wake the device thread: {e}")))?;
-        self.active = Some(ActiveQueues { mem, interrupt, rx, tx, _event: event });
+        self.active = Some(ActiveQueues { mem, interrupt, rx, tx, event });
         Ok(())
     }
 
@@ -292,6 +293,23 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// RX, TX and event queue: packets are moved whole on the device thread, so the
+    /// queues are consistent while it is stopped; connections are not carried, so
+    /// there must be none (`VsockMuxer::snapshot_blocker`).
+    fn queue_positions(&self) -> Result<Vec<QueuePosition>, String> {
+        if self.teardown_pending {
+            return Err("a reset of the vsock device is still being carried out".into());
+        }
+        if let Some(why) = self.muxer.snapshot_blocker() {
+            return Err(why);
+        }
+        Ok(self
+            .active
+            .as_ref()
+            .map(|a| vec![QueuePosition::of(&a.rx), QueuePosition::of(&a.tx), QueuePosition::of(&a.event)])
+            .unwrap_or_default())
     }
 }
 

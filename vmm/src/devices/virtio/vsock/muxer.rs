@@ -140,6 +140,23 @@ impl VsockMuxer {
         self.connections.len()
     }
 
+    /// Why the muxer's state cannot go into a snapshot now, if it cannot: a snapshot
+    /// carries no connections (their host sockets do not survive the VMM), so it is
+    /// taken once every connection and half-made host connection is gone and nothing
+    /// waits for the guest.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        let (connections, handshakes) = (self.connections.len(), self.handshakes.len());
+        if connections + handshakes > 0 {
+            return Some(format!(
+                "{connections} vsock connections and {handshakes} host clients still connecting (close them first)"
+            ));
+        }
+        if self.has_pending_rx() {
+            return Some("vsock packets still wait for the guest".into());
+        }
+        None
+    }
+
     fn live_count(&self) -> usize {
         self.connections.len() + self.handshakes.len()
     }

@@ -652,3 +652,35 @@ fn bulk_transfer_both_ways() {
     assert!(guest_got == to_guest, "host -> guest: {} of {SIZE} bytes, intact: {}", guest_got.len(), to_guest.starts_with(&guest_got));
     assert_eq!(vm.connection_count(), 1);
 }
+
+#[test]
+fn a_snapshot_waits_until_no_connection_is_left() {
+    let mut vm = TestVm::new();
+    use crate::devices::virtio::VirtioDevice;
+    let positions = |vm: &TestVm| vm.device.lock().unwrap().queue_positions();
+    let idle = positions(&vm).expect("an idle device can be snapshotted");
+    assert_eq!(idle.len(), 3, "RX, TX and event queue");
+
+    // A host client that has not said which port it wants, then a live connection:
+    // refused, saying why.
+    let half_made = UnixStream::connect(&vm.uds).unwrap();
+    vm.pump();
+    let e = positions(&vm).unwrap_err();
+    assert!(e.contains("0 vsock connections and 1 host clients still connecting"), "{e}");
+    drop(half_made);
+    vm.pump();
+    assert!(positions(&vm).is_ok(), "the client left");
+    let (host, local) = establish(&mut vm, AGENT_PORT);
+    let e = positions(&vm).unwrap_err();
+    assert!(e.starts_with("1 vsock connections"), "{e}");
+
+    // Closed from both sides: the positions moved past what the guest and host did.
+    drop(host);
+    vm.pump();
+    assert_eq!(only(vm.recv()).hdr.op, OP_SHUTDOWN);
+    vm.send_now(&guest_hdr(OP_RST, AGENT_PORT, local), &[]);
+    assert_eq!(vm.connection_count(), 0);
+    let after = positions(&vm).expect("no connection left");
+    assert!(after[0].next_avail > idle[0].next_avail && after[1].next_avail > idle[1].next_avail, "{after:?}");
+    assert_eq!(after[2], idle[2], "the event queue is never used");
+}

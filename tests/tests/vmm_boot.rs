@@ -304,6 +304,107 @@ fn control_api_pause_resume_timeline_shutdown() -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// The highest `TICK-n` the guest's counting loop printed in `out`.
+fn last_tick(out: &str) -> Option<u64> {
+    out.split("TICK-").skip(1).filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).max()
+}
+
+/// The guest counts on the console (one line a second); the VM is paused and
+/// snapshotted through the control API, the first VMM stops, and two new VMMs restore
+/// the same snapshot at once (its memory file mapped copy-on-write by both): each goes
+/// on counting from where the snapshot was taken, without booting again. A restore whose
+/// configuration differs from the snapshot's, or with another snapshot's memory file, is
+/// refused with the reason.
+fn snapshot_restores_twice_and_the_guests_go_on() -> CaseResult {
+    skip_unless!(need_artifacts(), need_full_kvm());
+    use wisp_protocols::vmm::{Empty, SnapshotRequest};
+    use wisp_protocols::vmm_ttrpc::VmmClient;
+    let dir = tempfile::tempdir()?;
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    let api = dir.path().join("api.sock");
+    let mut c = vmm_cmd_with_memory("i=0; while true; do i=$((i+1)); echo TICK-$i; sleep 1; done", 128);
+    c.arg("--api-sock").arg(&api);
+    let mut vm = Watched::spawn("wisp-vmm", &mut c)?;
+    vm.wait_for("TICK-3", BOOT_TIMEOUT)?;
+    let client = VmmClient::new(ttrpc::Client::connect(&format!("unix://{}", api.display()))?);
+    let ctx = || ttrpc::context::with_timeout(60_000_000_000);
+    let request = SnapshotRequest {
+        state_path: state.display().to_string(),
+        memory_path: memory.display().to_string(),
+        ..Default::default()
+    };
+    let running = client.snapshot(ctx(), &request);
+    ensure_that!(format!("{running:?}").contains("pause it first"), "a snapshot of a running VM: {running:?}");
+    client.pause(ctx(), &Empty::new())?;
+    client.snapshot(ctx(), &request).context("Snapshot of the paused VM")?;
+    vm.signal(libc::SIGTERM);
+    vm.wait_exit(Duration::from_secs(30))?;
+    // Everything the first VM printed, a line cut by the pause included.
+    let at_snapshot = last_tick(&vm.output()).context("no tick before the snapshot")?;
+    let mem_meta = std::fs::metadata(&memory)?;
+    println!(
+        "snapshot after tick {at_snapshot}: state {} bytes, memory file {} MiB, {} MiB on disk",
+        std::fs::metadata(&state)?.len(),
+        mem_meta.len() >> 20,
+        (std::os::unix::fs::MetadataExt::blocks(&mem_meta) * 512) >> 20
+    );
+
+    let restore_cmd = |mib: u32| {
+        let mut c = Command::new(vmm_bin());
+        c.arg("--restore").arg(&state).arg("--restore-memory").arg(&memory);
+        c.args(["--console", "stdout", "--memory-mib", &mib.to_string()]);
+        c
+    };
+    let mut a = Watched::spawn("wisp-vmm (restored a)", &mut restore_cmd(128))?;
+    let mut b = Watched::spawn("wisp-vmm (restored b)", &mut restore_cmd(128))?;
+    let want = format!("TICK-{}", at_snapshot + 3);
+    for (name, r) in [("a", &a), ("b", &b)] {
+        r.wait_for(&want, BOOT_TIMEOUT).with_context(|| format!("restored VM {name}"))?;
+        let out = r.output();
+        ensure_that!(!out.contains("Linux version"), "restored VM {name} booted again:\n{out}");
+        let first: u64 = out
+            .split("TICK-")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .context("no tick")?;
+        // The next tick; or the one after, when the pause cut the next one's line in
+        // two (its start went to the first VM's console, the rest to this one's).
+        ensure_that!(
+            first == at_snapshot + 1 || first == at_snapshot + 2,
+            "restored VM {name} went on at tick {first}, the snapshot was taken after tick {at_snapshot}:\n{out}"
+        );
+    }
+    for r in [&mut a, &mut b] {
+        r.signal(libc::SIGTERM);
+        r.wait_exit(Duration::from_secs(30))?;
+    }
+
+    // Refusals: another memory size, a memory file of another save.
+    let out = restore_cmd(256).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure_that!(
+        !out.status.success() && err.contains("memory_mib: snapshot 128, this VM 256"),
+        "a restore with 256 MiB: {}: {err}",
+        out.status
+    );
+    let other = dir.path().join("other.mem");
+    std::fs::copy(&memory, &other)?;
+    let mut trailer_id = std::fs::read(&other)?;
+    let id_at = trailer_id.len() - 4096 + 12;
+    trailer_id[id_at] ^= 1;
+    std::fs::write(&other, &trailer_id)?;
+    let out = Command::new(vmm_bin())
+        .arg("--restore")
+        .arg(&state)
+        .arg("--restore-memory")
+        .arg(&other)
+        .args(["--console", "stdout", "--memory-mib", "128"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure_that!(!out.status.success() && err.contains("trailer"), "a damaged memory file: {}: {err}", out.status);
+    Ok(Outcome::Passed)
+}
+
 fn sigterm_ends_the_vm_and_removes_sockets() -> CaseResult {
     skip_unless!(need_artifacts(), need_kvm());
     let dir = tempfile::tempdir()?;
@@ -692,6 +793,7 @@ fn main() {
         .case("vsock_guest_to_host_64mib", vsock_guest_to_host_64mib)
         .case("vsock_to_a_port_nobody_listens_on_is_refused", vsock_to_a_port_nobody_listens_on_is_refused)
         .case("control_api_pause_resume_timeline_shutdown", control_api_pause_resume_timeline_shutdown)
+        .case("snapshot_restores_twice_and_the_guests_go_on", snapshot_restores_twice_and_the_guests_go_on)
         .case(
             "virtiofs_shares_files_both_ways_and_sees_host_changes",
             virtiofs_shares_files_both_ways_and_sees_host_changes,

@@ -2,12 +2,12 @@
 //! `protocols/proto/vmm.proto`. Only the host side (the shim, an operator) can reach
 //! it; requests are still validated (an absurd grace period is capped).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wisp_protocols::vmm::{BootTimelineResponse, Empty, Milestone, ShutdownRequest, StateResponse};
+use wisp_protocols::vmm::{BootTimelineResponse, Empty, Milestone, ShutdownRequest, SnapshotRequest, StateResponse};
 use wisp_protocols::vmm_ttrpc::{create_vmm, Vmm};
 
 use crate::devices::legacy::BootTimeline;
@@ -25,6 +25,7 @@ pub struct VmControl {
     pub exits: Sender<VmExit>,
     pub vcpu_count: u8,
     pub memory_bytes: u64,
+    pub snapshots: crate::builder::Snapshotter,
 }
 
 struct Service {
@@ -34,6 +35,10 @@ struct Service {
 
 fn rpc_error(msg: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::FAILED_PRECONDITION, msg))
+}
+
+fn invalid(msg: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INVALID_ARGUMENT, msg))
 }
 
 impl Vmm for Service {
@@ -73,6 +78,12 @@ impl Vmm for Service {
         Ok(Empty::default())
     }
 
+    fn snapshot(&self, _: &ttrpc::TtrpcContext, req: SnapshotRequest) -> ttrpc::Result<Empty> {
+        let (state, memory) = snapshot_paths(&req).map_err(invalid)?;
+        self.vm.snapshots.take(&state, &memory).map_err(|e| rpc_error(format!("Snapshot: {e}")))?;
+        Ok(Empty::default())
+    }
+
     fn boot_timeline(&self, _: &ttrpc::TtrpcContext, _: Empty) -> ttrpc::Result<BootTimelineResponse> {
         let milestones = self
             .vm
@@ -83,6 +94,23 @@ impl Vmm for Service {
             .collect();
         Ok(BootTimelineResponse { milestones, ..Default::default() })
     }
+}
+
+/// A Snapshot request's two paths: each non-empty, without NUL, absolute (the VMM's
+/// working directory is nobody's business), and not the same file.
+fn snapshot_paths(req: &SnapshotRequest) -> Result<(PathBuf, PathBuf), String> {
+    let path = |p: &str, what: &str| {
+        if p.is_empty() || p.contains('\0') || !p.starts_with('/') {
+            return Err(format!("Snapshot: {what} {p:?} is not an absolute path"));
+        }
+        Ok(PathBuf::from(p))
+    };
+    let state = path(&req.state_path, "state_path")?;
+    let memory = path(&req.memory_path, "memory_path")?;
+    if state == memory {
+        return Err("Snapshot: state_path and memory_path must differ".into());
+    }
+    Ok((state, memory))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +134,30 @@ pub fn serve(path: &Path, vm: VmControl) -> Result<ttrpc::Server, ApiError> {
     }
     let exits = std::sync::Mutex::new(vm.exits.clone());
     let service = Arc::new(Service { vm, exits });
-    let mut server = ttrpc::Server::new()
-        .bind(&format!("unix://{}", path.display()))?
-        .register_service(create_vmm(service));
+    let mut server =
+        ttrpc::Server::new().bind(&format!("unix://{}", path.display()))?.register_service(create_vmm(service));
     server.start()?;
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_request_needs_two_distinct_absolute_paths() {
+        let req =
+            |s: &str, m: &str| SnapshotRequest { state_path: s.into(), memory_path: m.into(), ..Default::default() };
+        assert_eq!(snapshot_paths(&req("/t/vm.snap", "/t/vm.mem")), Ok(("/t/vm.snap".into(), "/t/vm.mem".into())));
+        for (s, m, want) in [
+            ("", "/t/m", "state_path \"\" is not an absolute path"),
+            ("/t/s", "", "memory_path \"\" is not an absolute path"),
+            ("vm.snap", "/t/m", "state_path \"vm.snap\" is not an absolute path"),
+            ("/t/s\0x", "/t/m", "state_path"),
+            ("/t/same", "/t/same", "must differ"),
+        ] {
+            let e = snapshot_paths(&req(s, m)).unwrap_err();
+            assert!(e.starts_with("Snapshot: ") && e.contains(want), "{s:?} {m:?}: {e}");
+        }
+    }
 }

@@ -17,16 +17,19 @@ use std::time::Instant;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::Cmdline;
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{boot, layout, mptable};
 use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::gate::DeviceGate;
 use crate::devices::legacy::{BootMarker, BootTimeline, Milestone, SerialConsole, I8042};
 pub use crate::devices::virtio::fs::{CacheMode, SharedDirConfig};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap, TapLink};
 use crate::devices::virtio::VirtioDevice;
+use crate::snapshot::legacy::SerialRegs;
+use crate::snapshot::{Header, Snapshot, TransportState, VcpuStateSupport, VmIdentity};
 use crate::vstate::vcpu::{Vcpu, VcpuSet};
 use crate::vstate::vm::Vm;
 use crate::VmExit;
@@ -109,6 +112,8 @@ pub enum StartError {
     Device { device: String, reason: String },
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(u32),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
 }
 
 const MIN_MEMORY_MIB: u64 = 16;
@@ -126,7 +131,33 @@ pub struct MicroVm {
     exits_tx: Sender<VmExit>,
     timeline: BootTimeline,
     console: Arc<Mutex<SerialConsole>>,
-    vm: Vm,
+    vm: Arc<Vm>,
+    /// The virtio-mmio transports in configuration order (a snapshot's devices).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Stops the device thread for a snapshot.
+    devices: DeviceGate,
+    /// What this host's KVM lets a snapshot save of a vCPU, or why it cannot.
+    vcpu_support: Result<Arc<VcpuStateSupport>, String>,
+    /// The configuration a snapshot's header names.
+    identity: VmIdentity,
+}
+
+/// The parts of a running VM a snapshot reads (`snapshot::microvm` takes it).
+#[derive(Clone)]
+pub struct Snapshotter {
+    pub(crate) vcpus: Arc<VcpuSet>,
+    pub(crate) console: Arc<Mutex<SerialConsole>>,
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) devices: DeviceGate,
+    pub(crate) vcpu_support: Result<Arc<VcpuStateSupport>, String>,
+    pub(crate) identity: VmIdentity,
+}
+
+/// A snapshot to restore, opened and its guest memory mapped (`snapshot::microvm`).
+pub struct Restore {
+    pub snapshot: Snapshot,
+    pub memory: GuestMemoryMmap,
 }
 
 struct DeviceSetup<'a> {
@@ -135,6 +166,9 @@ struct DeviceSetup<'a> {
     cmdline: Cmdline,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     next: u32,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The saved transports, when restoring: device `next` gets the `next`th.
+    saved: Option<&'a [TransportState]>,
 }
 
 impl DeviceSetup<'_> {
@@ -159,12 +193,22 @@ impl DeviceSetup<'_> {
                 self.vm.fd.register_ioevent(evt, &addr, q as u32).map_err(|e| err(format!("ioeventfd: {e}")))?;
             }
         }
-        let transport =
-            MmioTransport::new(self.vm.mem.clone(), dev.clone()).map_err(|e| err(format!("transport: {e}")))?;
+        let transport = match self.saved {
+            None => MmioTransport::new(self.vm.mem.clone(), dev.clone()).map_err(|e| err(format!("transport: {e}")))?,
+            Some(saved) => {
+                let state = saved
+                    .get(self.next as usize)
+                    .ok_or_else(|| err(format!("the snapshot has {} devices, the configuration more", saved.len())))?;
+                // The irqfd is registered below: an interrupt the state re-raises is
+                // latched in the eventfd until KVM takes it.
+                MmioTransport::restore(self.vm.mem.clone(), dev.clone(), state)
+                    .map_err(|e| err(format!("restoring the transport: {e}")))?
+            }
+        };
         self.vm.fd.register_irqfd(transport.irq_event(), irq).map_err(|e| err(format!("irqfd: {e}")))?;
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, layout::VIRTIO_MMIO_SIZE)
-            .map_err(|e| err(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
+        self.mmio.insert(transport, base, layout::VIRTIO_MMIO_SIZE).map_err(|e| err(e.to_string()))?;
         self.cmdline
             .add_virtio_mmio_device(layout::VIRTIO_MMIO_SIZE, GuestAddress(base), irq, None)
             .map_err(|e| err(format!("command line: {e}")))?;
@@ -183,6 +227,19 @@ impl MicroVm {
     /// Creates and starts the VM. `start` is when the process started, for the boot
     /// timeline.
     pub fn start(config: &VmConfig, start: Instant) -> Result<Self, StartError> {
+        Self::build(config, start, None)
+    }
+
+    /// Creates the VM a snapshot describes, on its mapped guest memory, and starts it
+    /// where the snapshot left it. `config` names the host ends of the devices (tap,
+    /// vsock socket, shared directory, disk); the devices themselves, vCPUs, memory and
+    /// console must be the snapshot's (its header's configuration identity), or the
+    /// snapshot is refused. The kernel and initrd are not read: the guest is in memory.
+    pub fn restore(config: &VmConfig, restore: Restore, start: Instant) -> Result<Self, StartError> {
+        Self::build(config, start, Some(restore))
+    }
+
+    fn build(config: &VmConfig, start: Instant, restore: Option<Restore>) -> Result<Self, StartError> {
         let timeline = BootTimeline::new(start);
         if !VCPU_COUNTS.contains(&config.vcpus) {
             return Err(StartError::Config(format!(
@@ -198,14 +255,33 @@ impl MicroVm {
                 config.memory_mib
             )));
         }
-        boot::check_images(&config.kernel, config.initrd.as_deref())?;
+        if restore.is_none() {
+            boot::check_images(&config.kernel, config.initrd.as_deref())?;
+        }
         let nets = Self::open_nets(&config.nets)?;
         let mem_bytes = config.memory_mib << 20;
-        let vm = Vm::new(mem_bytes)?;
+        let identity = crate::snapshot::microvm::vm_identity(config);
+        let (vm, snapshot) = match restore {
+            None => (Vm::new(mem_bytes)?, None),
+            Some(Restore { snapshot, memory }) => {
+                // The configuration first (the memory size included), so a restore
+                // with other options is told which differs.
+                let mut as_configured = snapshot.header.clone();
+                as_configured.config = identity.clone();
+                snapshot.header.check_restorable(&as_configured).map_err(|e| StartError::Restore(e.to_string()))?;
+                let vm = Vm::with_memory(mem_bytes, memory)?;
+                let here = Header::this_host(&vm.supported_cpuid, vm.tsc_deadline, identity.clone())
+                    .map_err(|e| StartError::Restore(format!("describing this host: {e}")))?;
+                snapshot.header.check_restorable(&here).map_err(|e| StartError::Restore(e.to_string()))?;
+                snapshot.vm.restore(&vm.fd).map_err(|e| StartError::Restore(e.to_string()))?;
+                (vm, Some(snapshot))
+            }
+        };
         timeline.record(Milestone::KvmReady);
 
         let (exits_tx, exits_rx) = channel();
-        let (pio, console) = Self::legacy_devices(&vm, config, &exits_tx, &timeline)?;
+        let serial = snapshot.as_ref().map(|s| s.legacy.serial.clone());
+        let (pio, console) = Self::legacy_devices(&vm, config, &exits_tx, &timeline, serial)?;
 
         let mut setup = DeviceSetup {
             vm: &vm,
@@ -214,6 +290,8 @@ impl MicroVm {
             events: EventManager::new()
                 .map_err(|e| StartError::Device { device: "event loop".into(), reason: e.to_string() })?,
             next: 0,
+            transports: Vec::new(),
+            saved: snapshot.as_ref().map(|s| s.devices.as_slice()),
         };
         if config.rng {
             setup.attach(
@@ -249,23 +327,50 @@ impl MicroVm {
                 .insert_str(config.extra_cmdline.trim())
                 .map_err(|e| StartError::Config(format!("kernel command line: {e}")))?;
         }
-        let DeviceSetup { mmio, cmdline, mut events, .. } = setup;
-
-        let boot_info = boot::load_guest(&vm.mem, mem_bytes, &config.kernel, config.initrd.as_deref(), &cmdline)?;
-        mptable::setup_mptable(&vm.mem, config.vcpus)?;
+        let DeviceSetup { mmio, cmdline, mut events, transports, .. } = setup;
         let mut vcpus = Vec::new();
-        for i in 0..config.vcpus {
-            let v = Vcpu::new(&vm.fd, i)?;
-            v.configure(
-                &vm.mem,
-                &vm.supported_cpuid,
-                config.vcpus,
-                vm.tsc_deadline,
-                (i == 0).then_some(boot_info.entry),
-            )?;
-            vcpus.push(v);
+        match &snapshot {
+            None => {
+                let boot_info =
+                    boot::load_guest(&vm.mem, mem_bytes, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+                mptable::setup_mptable(&vm.mem, config.vcpus)?;
+                for i in 0..config.vcpus {
+                    let v = Vcpu::new(&vm.fd, i)?;
+                    v.configure(
+                        &vm.mem,
+                        &vm.supported_cpuid,
+                        config.vcpus,
+                        vm.tsc_deadline,
+                        (i == 0).then_some(boot_info.entry),
+                    )?;
+                    vcpus.push(v);
+                }
+            }
+            Some(snapshot) => {
+                if transports.len() != snapshot.devices.len() || snapshot.vcpus.len() != usize::from(config.vcpus) {
+                    return Err(StartError::Restore(format!(
+                        "the snapshot has {} devices and {} vCPUs, the configuration {} and {}",
+                        snapshot.devices.len(),
+                        snapshot.vcpus.len(),
+                        transports.len(),
+                        config.vcpus
+                    )));
+                }
+                for (i, state) in snapshot.vcpus.iter().enumerate() {
+                    let v = Vcpu::new(&vm.fd, i as u8)?;
+                    state.restore(v.fd()).map_err(|e| StartError::Restore(format!("vCPU {i}: {e}")))?;
+                    vcpus.push(v);
+                }
+            }
         }
         timeline.record(Milestone::KernelLoaded);
+        // Before any vCPU runs (the probe reads and writes back MSRs on vCPU 0).
+        let vcpu_support = VcpuStateSupport::probe(&vm.kvm, vcpus[0].fd()).map(Arc::new).map_err(|e| e.to_string());
+
+        let (devices, gate_waker) = DeviceGate::new()
+            .map_err(|e| StartError::Device { device: "device gate".into(), reason: e.to_string() })?;
+        events.add_subscriber(Arc::new(Mutex::new(gate_waker)));
+        let gate = devices.clone();
 
         let dev_exits = exits_tx.clone();
         std::thread::Builder::new()
@@ -283,6 +388,7 @@ impl MicroVm {
                         let _ = dev_exits.send(VmExit::Error(format!("device event loop failed: {e}")));
                         return;
                     }
+                    gate.park_if_stopped();
                     crate::seccomp::selftest_point(crate::seccomp::ThreadKind::Devices);
                 });
             })
@@ -290,7 +396,19 @@ impl MicroVm {
 
         let vcpus = VcpuSet::start(vcpus, Arc::new(pio), Arc::new(mmio), exits_tx.clone())?;
         timeline.record(Milestone::VcpusStarted);
-        Ok(Self { vcpus: Arc::new(vcpus), vcpu_count: config.vcpus, exits_rx, exits_tx, timeline, console, vm })
+        Ok(Self {
+            vcpus: Arc::new(vcpus),
+            vcpu_count: config.vcpus,
+            exits_rx,
+            exits_tx,
+            timeline,
+            console,
+            vm: Arc::new(vm),
+            transports,
+            devices,
+            vcpu_support,
+            identity,
+        })
     }
 
     /// Opens (or takes over) every network device's tap before anything else opens files:
@@ -335,6 +453,7 @@ impl MicroVm {
         config: &VmConfig,
         exits: &Sender<VmExit>,
         timeline: &BootTimeline,
+        saved_serial: Option<Option<SerialRegs>>,
     ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), StartError> {
         let mut pio = Bus::new();
         let out: Box<dyn Write + Send> = match &config.console {
@@ -350,7 +469,12 @@ impl MicroVm {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| dev_err("serial", e.to_string()))?;
         vm.fd.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(|e| dev_err("serial", e.to_string()))?;
         let limit = matches!(config.console, ConsoleOutput::File(_)).then_some(CONSOLE_FILE_LIMIT);
-        let console = Arc::new(Mutex::new(SerialConsole::new(irq, out, limit)));
+        let console = match saved_serial {
+            None => SerialConsole::new(irq, out, limit),
+            Some(Some(regs)) => SerialConsole::restore(irq, out, limit, &regs).map_err(|e| dev_err("serial", e))?,
+            Some(None) => return Err(StartError::Restore("the snapshot has no serial console state".into())),
+        };
+        let console = Arc::new(Mutex::new(console));
         let serial: Arc<Mutex<dyn BusDevice>> = console.clone();
         pio.insert(serial, u64::from(layout::SERIAL_PORT), 8).map_err(|e| dev_err("serial", e.to_string()))?;
 
@@ -390,6 +514,20 @@ impl MicroVm {
             exits: self.exits_tx.clone(),
             vcpu_count: self.vcpu_count,
             memory_bytes: self.vm.mem_bytes,
+            snapshots: self.snapshotter(),
+        }
+    }
+
+    /// What taking a snapshot of this VM works with (`snapshot::microvm`).
+    pub fn snapshotter(&self) -> Snapshotter {
+        Snapshotter {
+            vcpus: self.vcpus.clone(),
+            console: self.console.clone(),
+            vm: self.vm.clone(),
+            transports: self.transports.clone(),
+            devices: self.devices.clone(),
+            vcpu_support: self.vcpu_support.clone(),
+            identity: self.identity.clone(),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Args {
     pub jail: Option<PathBuf>,
     pub no_seccomp: bool,
     pub seccomp_selftest: Option<(wisp_vmm::seccomp::ThreadKind, u64)>,
+    /// `--restore STATE` and `--restore-memory MEM`: start from a snapshot, not a boot.
+    pub restore: Option<(PathBuf, PathBuf)>,
 }
 
 impl Args {
@@ -59,6 +61,7 @@ impl Args {
             jail: None,
             no_seccomp: false,
             seccomp_selftest: None,
+            restore: None,
         }
     }
 }
@@ -119,6 +122,14 @@ const OPTIONS: &[Opt] = &[
          no_new_privs. Needs root; start it as PID 1 of a new PID namespace (the shim does; by hand: unshare \
          --pid --fork). Taps must then be passed as fd=N.",
     ),
+    opt(
+        "restore",
+        "PATH",
+        "Start from the snapshot whose state file is PATH (the control API's Snapshot wrote it) instead of \
+         booting; needs --restore-memory, replaces --kernel, --initrd and --cmdline. The other options give the \
+         devices' host ends and must describe the snapshot's VM (vCPUs, memory, console, devices).",
+    ),
+    opt("restore-memory", "PATH", "The snapshot's guest memory file, mapped copy-on-write (with --restore)."),
     flag("no-seccomp", "Install no seccomp filter (debugging only: every thread may make any system call)."),
     opt(
         "seccomp-selftest",
@@ -134,7 +145,7 @@ const OPTIONS: &[Opt] = &[
 pub fn help() -> String {
     let mut s = format!(
         "wisp-vmm {}: wisp's micro-VM monitor; boots a Linux guest on KVM with virtio-mmio devices\n\n\
-         usage: wisp-vmm --kernel PATH [OPTIONS]\n\noptions:\n",
+         usage: wisp-vmm --kernel PATH [OPTIONS]\n       wisp-vmm --restore PATH --restore-memory PATH [OPTIONS]\n\noptions:\n",
         env!("CARGO_PKG_VERSION")
     );
     for o in OPTIONS {
@@ -151,6 +162,7 @@ pub fn help() -> String {
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     let mut seen: Vec<&'static str> = Vec::new();
     let mut kernel = None;
+    let (mut restore, mut restore_memory) = (None, None);
     let mut a = Args::new("");
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -211,6 +223,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             ("log-level", Some(v)) => a.log_level = Some(text(v)?),
             ("jail", Some(v)) => a.jail = Some(v.into()),
             ("no-seccomp", None) => a.no_seccomp = true,
+            ("restore", Some(v)) => restore = Some(PathBuf::from(v)),
+            ("restore-memory", Some(v)) => restore_memory = Some(PathBuf::from(v)),
             ("seccomp-selftest", Some(v)) => {
                 let v = text(v)?;
                 let parsed = v
@@ -222,7 +236,17 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             (other, _) => return Err(format!("--{other}: not handled (a bug in wisp-vmm's option table)")),
         }
     }
-    a.kernel = kernel.ok_or("--kernel PATH is required (see --help)")?;
+    match (restore, restore_memory) {
+        (None, None) => a.kernel = kernel.ok_or("--kernel PATH is required (see --help)")?,
+        (Some(state), Some(memory)) => {
+            if let Some(boot) = ["kernel", "initrd", "cmdline"].into_iter().find(|o| seen.contains(o)) {
+                return Err(format!("--{boot} cannot be used with --restore: the snapshot's guest is already booted"));
+            }
+            a.restore = Some((state, memory));
+        }
+        (Some(_), None) => return Err("--restore needs --restore-memory PATH (the snapshot's memory file)".into()),
+        (None, Some(_)) => return Err("--restore-memory needs --restore PATH (the snapshot's state file)".into()),
+    }
     Ok(Command::Run(a))
 }
 
@@ -342,6 +366,26 @@ mod tests {
             let e = parse_strs(args).unwrap_err();
             assert!(e.contains(want), "{args:?}: {e}");
             assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn restore_replaces_the_boot_options_and_needs_both_files() {
+        let a = run(&["--restore", "/t/vm.snap", "--restore-memory", "/t/vm.mem", "--vsock-uds", "/run/v.sock"]);
+        assert_eq!(a.restore, Some(("/t/vm.snap".into(), "/t/vm.mem".into())));
+        assert_eq!(a.kernel, PathBuf::new());
+        let cases: &[(&[&str], &str)] = &[
+            (&["--restore", "s"], "--restore needs --restore-memory PATH"),
+            (&["--restore-memory", "m"], "--restore-memory needs --restore PATH"),
+            (&["--restore", "s", "--restore-memory", "m", "--kernel", "k"], "--kernel cannot be used with --restore"),
+            (&["--restore", "s", "--restore-memory", "m", "--initrd", "i"], "--initrd cannot be used with --restore"),
+            (&["--restore", "s", "--restore-memory", "m", "--cmdline", "x"], "--cmdline cannot be used"),
+            (&["--restore", "s", "--restore", "t", "--restore-memory", "m"], "--restore is given twice"),
+            (&["--restore"], "--restore needs a value (PATH)"),
+        ];
+        for (args, want) in cases {
+            let e = parse_strs(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
         }
     }
 

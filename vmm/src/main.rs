@@ -190,9 +190,19 @@ fn jail_from(root: &std::path::Path, config: &VmConfig, args: &Args) -> Result<J
         }
     };
     add(Path::new("/dev/kvm"), BindKind::Device);
-    add(&config.kernel, BindKind::FileRo);
-    if let Some(i) = &config.initrd {
-        add(i, BindKind::FileRo);
+    match &args.restore {
+        // A snapshot's files instead of the boot images: read only (its memory is
+        // mapped copy-on-write).
+        Some((state, memory)) => {
+            add(state, BindKind::FileRo);
+            add(memory, BindKind::FileRo);
+        }
+        None => {
+            add(&config.kernel, BindKind::FileRo);
+            if let Some(i) = &config.initrd {
+                add(i, BindKind::FileRo);
+            }
+        }
     }
     for d in &config.disks {
         add(&d.path, BindKind::Disk { ro: d.read_only });
@@ -306,7 +316,18 @@ fn main() -> ExitCode {
     if args.no_seccomp {
         log::warn!("--no-seccomp: no thread of this VMM has a seccomp filter");
     }
-    let vm = match MicroVm::start(&config, start) {
+    let started = match &args.restore {
+        None => MicroVm::start(&config, start),
+        Some((state, memory)) => match wisp_vmm::snapshot::microvm::open(state, memory) {
+            Ok(restore) => MicroVm::restore(&config, restore, start),
+            Err(e) => {
+                eprintln!("wisp-vmm: {e}");
+                cleanup(&config, &args);
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let vm = match started {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("wisp-vmm: {e}");

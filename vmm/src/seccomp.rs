@@ -160,10 +160,28 @@ mod tests {
     fn ioctl_numbers_match_their_names() {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/seccomp/x86_64.json")).unwrap();
         let lists: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let known: [(&str, u64); 7] = [
-            ("KVM_RUN", kvm_bindings::KVMIO as u64 * 256 + 0x80),
-            ("KVM_GET_REGS", 0x8000_0000 | (std::mem::size_of::<kvm_bindings::kvm_regs>() as u64) << 16 | 0xae81),
-            ("KVM_GET_SREGS", 0x8000_0000 | (std::mem::size_of::<kvm_bindings::kvm_sregs>() as u64) << 16 | 0xae83),
+        use kvm_bindings::*;
+        use std::mem::size_of;
+        // The kernel's _IOC encoding: direction (1 write, 2 read), size, type (KVMIO), nr.
+        let ioc = |dir: u64, nr: u64, size: usize| dir << 30 | (size as u64) << 16 | (KVMIO as u64) << 8 | nr;
+        let (io, ior, iowr) = (|nr| ioc(0, nr, 0), |nr, size| ioc(2, nr, size), |nr, size| ioc(3, nr, size));
+        let known: [(&str, u64); 20] = [
+            ("KVM_RUN", io(0x80)),
+            ("KVM_GET_REGS", ior(0x81, size_of::<kvm_regs>())),
+            ("KVM_GET_SREGS", ior(0x83, size_of::<kvm_sregs>())),
+            ("KVM_GET_MSRS", iowr(0x88, size_of::<kvm_msrs>())),
+            ("KVM_GET_FPU", ior(0x8c, size_of::<kvm_fpu>())),
+            ("KVM_GET_LAPIC", ior(0x8e, size_of::<kvm_lapic_state>())),
+            ("KVM_GET_CPUID2", iowr(0x91, size_of::<kvm_cpuid2>())),
+            ("KVM_GET_MP_STATE", ior(0x98, size_of::<kvm_mp_state>())),
+            ("KVM_GET_VCPU_EVENTS", ior(0x9f, size_of::<kvm_vcpu_events>())),
+            ("KVM_GET_DEBUGREGS", ior(0xa1, size_of::<kvm_debugregs>())),
+            ("KVM_GET_TSC_KHZ", io(0xa3)),
+            ("KVM_GET_XSAVE", ior(0xa4, size_of::<kvm_xsave>())),
+            ("KVM_GET_XCRS", ior(0xa6, size_of::<kvm_xcrs>())),
+            ("KVM_GET_IRQCHIP", iowr(0x62, size_of::<kvm_irqchip>())),
+            ("KVM_GET_PIT2", ior(0x9f, size_of::<kvm_pit_state2>())),
+            ("KVM_GET_CLOCK", ior(0x7c, size_of::<kvm_clock_data>())),
             ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as u64),
             ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ as u64),
             ("FIONBIO", libc::FIONBIO as u64),
@@ -182,7 +200,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert!(checked >= 8, "{checked}");
+        assert!(checked >= 21, "{checked}");
     }
 
     /// In a forked child: the filter installs, clone3 answers ENOSYS (control), an allowed call

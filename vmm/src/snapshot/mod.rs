@@ -22,6 +22,7 @@ pub mod header;
 pub mod kvm_structs;
 pub mod legacy;
 pub mod memory;
+pub mod microvm;
 pub mod transport;
 pub mod vcpu;
 pub mod vm;
@@ -51,12 +52,25 @@ pub enum SnapshotError {
     Format { path: PathBuf, source: FormatError },
     #[error("snapshot {path} cannot be restored here: {source}")]
     Refused { path: PathBuf, source: Mismatch },
+    #[error("memory file {path}: {source}")]
+    Memory { path: PathBuf, source: memory::MemoryFileError },
 }
 
 impl Snapshot {
     /// Reads and parses `path` (at most `MAX_FILE_BYTES`), then checks that it may be
     /// restored where `here` describes.
     pub fn load(path: &Path, here: &Header) -> Result<Self, SnapshotError> {
+        let snapshot = Self::read(path)?;
+        snapshot
+            .header
+            .check_restorable(here)
+            .map_err(|source| SnapshotError::Refused { path: path.to_path_buf(), source })?;
+        Ok(snapshot)
+    }
+
+    /// Reads and parses `path` (at most `MAX_FILE_BYTES`) without asking whether it may
+    /// be restored here: the caller checks its header once it can describe "here".
+    pub fn read(path: &Path) -> Result<Self, SnapshotError> {
         let read = |source| SnapshotError::Read { path: path.to_path_buf(), source };
         let file = std::fs::File::open(path).map_err(read)?;
         let len = file.metadata().map_err(read)?.len();
@@ -70,13 +84,7 @@ impl Snapshot {
             let source = FormatError::TooLarge { len: bytes.len() as u64, max: MAX_FILE_BYTES };
             return Err(SnapshotError::Format { path: path.to_path_buf(), source });
         }
-        let snapshot =
-            Snapshot::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.to_path_buf(), source })?;
-        snapshot
-            .header
-            .check_restorable(here)
-            .map_err(|source| SnapshotError::Refused { path: path.to_path_buf(), source })?;
-        Ok(snapshot)
+        Snapshot::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.to_path_buf(), source })
     }
 
     /// Writes the snapshot to `path` whole or not at all: a temporary file beside it

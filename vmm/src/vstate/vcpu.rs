@@ -16,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
+use crate::snapshot::{VcpuState, VcpuStateSupport};
 use crate::VmExit;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,36 +80,79 @@ pub enum RunState {
     Paused,
 }
 
-/// Shared by the VMM and all vCPU threads: the requested run state and how many
-/// vCPUs are currently parked in the paused state.
+/// What the VMM asks of a parked vCPU thread, and its answer.
+enum Mail {
+    Empty,
+    /// Read this vCPU's state (a snapshot).
+    Capture(Arc<VcpuStateSupport>),
+    Captured(Box<Result<VcpuState, String>>),
+}
+
+/// The run state and the parked threads' mailboxes, under one lock so a request and
+/// the condition variable never miss each other.
+struct Shared {
+    run: RunState,
+    /// By vCPU index.
+    mail: Vec<Mail>,
+}
+
+/// Shared by the VMM and all vCPU threads: the requested run state, how many vCPUs
+/// are currently parked in the paused state, and their mailboxes.
 pub struct RunControl {
-    state: Mutex<RunState>,
+    shared: Mutex<Shared>,
     changed: Condvar,
     parked: AtomicUsize,
 }
 
 impl RunControl {
-    fn new() -> Self {
-        Self { state: Mutex::new(RunState::Running), changed: Condvar::new(), parked: AtomicUsize::new(0) }
+    fn new(vcpus: usize) -> Self {
+        let mail = (0..vcpus).map(|_| Mail::Empty).collect();
+        Self {
+            shared: Mutex::new(Shared { run: RunState::Running, mail }),
+            changed: Condvar::new(),
+            parked: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn state(&self) -> RunState {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().run
     }
 
-    /// Parks the calling vCPU thread while the state is Paused.
-    fn park_while_paused(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *s != RunState::Paused {
+    /// Parks the calling vCPU thread while the state is Paused, answering the requests
+    /// its mailbox gets meanwhile. KVM_RUN is not entered while parked, so the vCPU's
+    /// state is still.
+    fn park_while_paused(&self, vcpu: &mut Vcpu) {
+        let mut s = self.lock();
+        if s.run != RunState::Paused {
             return;
         }
+        // The last exit may have left an MMIO or port read half done (KVM finishes it
+        // on the next entry): finish it without running guest code, so the vCPU's
+        // registers are final while it is parked.
+        vcpu.fd.set_kvm_immediate_exit(1);
+        let _ = vcpu.fd.run();
+        vcpu.fd.set_kvm_immediate_exit(0);
         self.parked.fetch_add(1, Ordering::SeqCst);
-        while *s == RunState::Paused {
+        while s.run == RunState::Paused {
+            let slot = usize::from(vcpu.index);
+            if let Some(Mail::Capture(support)) = s.mail.get(slot) {
+                let captured = VcpuState::capture(&vcpu.fd, support).map_err(|e| format!("vCPU {slot}: {e}"));
+                s.mail[slot] = Mail::Captured(Box::new(captured));
+                self.changed.notify_all();
+                continue;
+            }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// How long `VcpuSet::capture` waits for the parked threads.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(5);
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -123,7 +167,7 @@ impl VcpuSet {
     /// errors) are reported on `exits`.
     pub fn start(vcpus: Vec<Vcpu>, pio: Arc<Bus>, mmio: Arc<Bus>, exits: Sender<VmExit>) -> Result<Self, VcpuError> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)?;
-        let control = Arc::new(RunControl::new());
+        let control = Arc::new(RunControl::new(vcpus.len()));
         let mut threads = Vec::new();
         for vcpu in vcpus {
             let (pio, mmio, exits, control) = (pio.clone(), mmio.clone(), exits.clone(), control.clone());
@@ -149,7 +193,7 @@ impl VcpuSet {
 
     /// Stops all vCPUs at their next exit and waits (bounded) until every one is parked.
     pub fn pause(&self) -> bool {
-        *self.control.state.lock().unwrap_or_else(|e| e.into_inner()) = RunState::Paused;
+        self.control.lock().run = RunState::Paused;
         // A kick can land just before a thread enters KVM_RUN; kick until all are parked.
         for _ in 0..500 {
             if self.control.parked.load(Ordering::SeqCst) >= self.live_threads() {
@@ -162,8 +206,39 @@ impl VcpuSet {
     }
 
     pub fn resume(&self) {
-        *self.control.state.lock().unwrap_or_else(|e| e.into_inner()) = RunState::Running;
+        let mut s = self.control.lock();
+        s.run = RunState::Running;
+        s.mail.iter_mut().for_each(|m| *m = Mail::Empty);
+        drop(s);
         self.control.changed.notify_all();
+    }
+
+    /// Every vCPU's state, read by its own thread while it is parked: the VM must be
+    /// paused (`pause` returned true) and stays so. Waits at most `CAPTURE_TIMEOUT`.
+    pub fn capture(&self, support: &Arc<VcpuStateSupport>) -> Result<Vec<VcpuState>, String> {
+        let mut s = self.control.lock();
+        if s.run != RunState::Paused || self.control.parked.load(Ordering::SeqCst) < self.threads.len() {
+            return Err("the vCPUs are not all paused".into());
+        }
+        s.mail.iter_mut().for_each(|m| *m = Mail::Capture(support.clone()));
+        self.control.changed.notify_all();
+        let deadline = std::time::Instant::now() + CAPTURE_TIMEOUT;
+        while s.mail.iter().any(|m| !matches!(m, Mail::Captured(_))) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.mail.iter_mut().for_each(|m| *m = Mail::Empty);
+                return Err(format!("the vCPU threads did not report their state within {CAPTURE_TIMEOUT:?}"));
+            }
+            s = self.control.changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        let empty = (0..s.mail.len()).map(|_| Mail::Empty).collect();
+        std::mem::replace(&mut s.mail, empty)
+            .into_iter()
+            .map(|m| match m {
+                Mail::Captured(r) => *r,
+                _ => Err("a vCPU thread left its mailbox without an answer".into()),
+            })
+            .collect()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -183,7 +258,7 @@ fn run_loop(mut vcpu: Vcpu, pio: &Bus, mmio: &Bus, exits: &Sender<VmExit>, contr
         return;
     }
     loop {
-        control.park_while_paused();
+        control.park_while_paused(&mut vcpu);
         crate::seccomp::selftest_point(crate::seccomp::ThreadKind::Vcpu);
         match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {

@@ -337,9 +337,15 @@ fn failed_where_runc_passed(
         .collect()
 }
 
+/// The suite description ginkgo puts before every spec's text when it applies a focus
+/// or skip (ginkgo v2 matches `"<suite description> <spec text>"`; critest's suite is
+/// "CRI validation").
+const SUITE_DESCRIPTION: &str = "CRI validation";
+
 /// A ginkgo focus matching exactly these specs' full texts.
 fn focus_on(specs: &[String]) -> String {
-    specs.iter().map(|s| format!("^{}$", regex::escape(s))).collect::<Vec<_>>().join("|")
+    let suite = regex::escape(SUITE_DESCRIPTION);
+    specs.iter().map(|s| format!("^{suite} {}$", regex::escape(s))).collect::<Vec<_>>().join("|")
 }
 
 fn short(state: &str) -> &str {
@@ -380,8 +386,13 @@ fn main() -> anyhow::Result<()> {
             "conformance: a nested guest triple-faulted or stalled; {} failed spec(s) run once more",
             failed.len()
         );
-        let again = run_critest(&c, &args, "wisp", &wisp_skip, Some(&focus_on(&failed)), "wisp-rerun");
-        for (spec, (state, _)) in results(&again?)? {
+        let again = results(&run_critest(&c, &args, "wisp", &wisp_skip, Some(&focus_on(&failed)), "wisp-rerun")?)?;
+        // A focus that selects nothing would leave every failure standing unseen.
+        let ran = again.iter().filter(|(spec, (state, _))| failed.contains(spec) && short(state) != "skip").count();
+        if ran != failed.len() {
+            bail!("the rerun's focus selected {ran} of the {} failed specs (see wisp-rerun.log)", failed.len());
+        }
+        for (spec, (state, _)) in again {
             if short(&state) == "pass" && failed.contains(&spec) {
                 if let Some((_, first)) = wisp.insert(spec.clone(), (state, String::new())) {
                     reruns.insert(spec, first);
@@ -473,9 +484,11 @@ mod tests {
         let failed = failed_where_runc_passed(&runc, &wisp);
         assert_eq!(failed, ["a [x] (y) b"]);
         let focus = focus_on(&failed);
-        assert!(matches(&focus, "a [x] (y) b"));
-        assert!(!matches(&focus, "a [x] (y) b and more"));
-        assert!(!matches(&focus, "c"));
+        // What ginkgo matches a focus against: the suite description, a space, the text.
+        assert!(matches(&focus, "CRI validation a [x] (y) b"));
+        assert!(!matches(&focus, "a [x] (y) b"), "the bare text is not what ginkgo matches");
+        assert!(!matches(&focus, "CRI validation a [x] (y) b and more"));
+        assert!(!matches(&focus, "CRI validation c"));
     }
 
     #[test]

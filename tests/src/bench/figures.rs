@@ -54,6 +54,38 @@ pub fn experiments() -> Vec<Experiment> {
             }],
         },
         Experiment {
+            name: "restore",
+            sides: ("wisp-vmm --restore", "wisp-vmm cold boot"),
+            run: super::restore::restore_to_agent,
+            figures: vec![FigureSpec {
+                name: "restore_to_agent",
+                unit: "ms",
+                peer_name: "boot_to_agent (the same VMM booting cold)",
+                target: Target::RatioAtMost(0.2),
+                target_text: "<= 0.2x cold boot",
+                note: "VMM spawn until the agent answers a ttrpc Check over hybrid vsock, the VMM started from a \
+                       snapshot (`--restore`: a VM booted once to its agent, paused and snapshotted through the \
+                       control API, its memory file mapped copy-on-write) against the same VMM booting cold to the \
+                       same answer; both 1 vCPU, 128 MiB, console on. VMM level: the shim does not restore yet.",
+            }],
+        },
+        Experiment {
+            name: "restore_memory",
+            sides: ("10 restored", "10 cold-booted"),
+            run: super::restore::restored_vms_memory,
+            figures: vec![FigureSpec {
+                name: "vm_memory_pss_10",
+                unit: "MiB",
+                peer_name: "10 cold-booted",
+                target: Target::RatioAtMost(0.6),
+                target_text: "<= 0.6x cold, and <= 25 MiB per VM",
+                note: "10 VMMs at once, each started to its agent's answer (restored from the same snapshot, or \
+                       booted cold), idle for the settle time: the PSS (smaps_rollup) of the 10 VMM processes, per \
+                       VM. Guest pages restored VMs only read are one page-cache copy that PSS splits between \
+                       them. VMM level: no shim or containerd.",
+            }],
+        },
+        Experiment {
             name: "idle_memory",
             sides: ("wisp-vmm", PEER_NAME),
             run: idle_memory,
@@ -335,7 +367,7 @@ fn boot_to_agent_confinement(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
 
 /// Dials the agent as the shim does (`wisp_shim::agent::Agent::connect`: hybrid vsock,
 /// retried until a version Check answers); returns when it did.
-fn check_agent(vm: &TimedChild, vsock: &std::path::Path, timeout: Duration) -> anyhow::Result<std::time::Instant> {
+pub(super) fn check_agent(vm: &TimedChild, vsock: &std::path::Path, timeout: Duration) -> anyhow::Result<std::time::Instant> {
     let attempt = Duration::from_secs(2);
     match wisp_shim::agent::Agent::connect(vsock, attempt, timeout, attempt, &|| None) {
         Ok(_) => Ok(std::time::Instant::now()),

@@ -13,6 +13,7 @@ pub mod json;
 pub mod pods;
 pub mod progress;
 pub mod report;
+pub mod restore;
 pub mod smaps;
 pub mod stats;
 pub mod timed;

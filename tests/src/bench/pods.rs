@@ -160,7 +160,7 @@ pub fn ctr_run_echo_confinement(ctx: &Ctx, side: Side) -> anyhow::Result<Sample>
 }
 
 /// PSS and RSS of one process, from smaps_rollup (KiB).
-fn rollup(pid: u32) -> anyhow::Result<(u64, u64)> {
+pub(super) fn rollup(pid: u32) -> anyhow::Result<(u64, u64)> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let field = |name: &str| -> anyhow::Result<u64> {

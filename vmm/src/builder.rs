@@ -28,11 +28,11 @@ pub use crate::devices::virtio::fs::{CacheMode, SharedDirConfig};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, Tap, TapLink};
 use crate::devices::virtio::VirtioDevice;
-use crate::snapshot::legacy::SerialRegs;
 use crate::snapshot::{Header, Snapshot, TransportState, VcpuStateSupport, VmIdentity};
 use crate::vstate::vcpu::{Vcpu, VcpuSet};
 use crate::vstate::vm::Vm;
 use crate::VmExit;
+use vm_superio::serial::SerialState;
 
 /// Where the guest console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -453,7 +453,7 @@ impl MicroVm {
         config: &VmConfig,
         exits: &Sender<VmExit>,
         timeline: &BootTimeline,
-        saved_serial: Option<Option<SerialRegs>>,
+        saved_serial: Option<Option<SerialState>>,
     ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), StartError> {
         let mut pio = Bus::new();
         let out: Box<dyn Write + Send> = match &config.console {

@@ -13,59 +13,11 @@ use super::codec::{FieldError, Reader, Writer};
 /// The UART's receive FIFO (vm-superio's `FIFO_SIZE`).
 pub const MAX_SERIAL_FIFO: usize = 64;
 
-/// The legacy devices' state: the serial console's, if the VM has one.
+/// The legacy devices' state: the serial console's, if the VM has one (vm-superio's
+/// own state struct: its registers and receive FIFO).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LegacyState {
-    pub serial: Option<SerialRegs>,
-}
-
-/// The UART's registers and FIFO, in a form this crate encodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SerialRegs {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegs {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialRegs> for SerialState {
-    fn from(s: &SerialRegs) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+    pub serial: Option<SerialState>,
 }
 
 impl LegacyState {
@@ -102,7 +54,7 @@ impl LegacyState {
         let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
             regs;
         Ok(Self {
-            serial: Some(SerialRegs {
+            serial: Some(SerialState {
                 baud_divisor_low,
                 baud_divisor_high,
                 interrupt_enable,

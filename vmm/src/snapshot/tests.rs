@@ -6,13 +6,14 @@
 use super::codec::{crc32, FieldError};
 use super::format::{FormatError, SectionId, Snapshot, FORMAT_VERSION, MAGIC};
 use super::header::tests::sample as sample_header;
-use super::legacy::{LegacyState, SerialRegs};
+use super::legacy::LegacyState;
 use super::memory::MemoryIdentity;
 use super::transport::tests::sample as sample_device;
 use super::transport::TransportState;
 use super::vcpu::tests::sample as sample_vcpu;
 use super::vm::tests::sample as sample_vm;
 use super::{Mismatch, SnapshotError, MAX_FILE_BYTES};
+use vm_superio::serial::SerialState;
 
 /// A snapshot with `vcpus` vCPUs, two devices (a running vsock-like transport, and an
 /// rng the driver never started), a memory file of two regions and a serial console.
@@ -25,7 +26,7 @@ fn sample(vcpus: u64) -> Snapshot {
         vcpus: (0..vcpus).map(|i| sample_vcpu(100 + i)).collect(),
         devices,
         legacy: LegacyState {
-            serial: Some(SerialRegs {
+            serial: Some(SerialState {
                 baud_divisor_low: 1,
                 baud_divisor_high: 0,
                 interrupt_enable: 2,

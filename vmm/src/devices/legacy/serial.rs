@@ -4,11 +4,11 @@
 
 use std::io::{self, Write};
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
-use crate::snapshot::legacy::SerialRegs;
 
 /// Raises an interrupt line through a KVM irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -40,18 +40,18 @@ impl SerialConsole {
         irq: EventFd,
         out: Box<dyn Write + Send>,
         limit: Option<u64>,
-        state: &SerialRegs,
+        state: &SerialState,
     ) -> Result<Self, String> {
         let mut w = ConsoleWriter::new(out);
         w.limit = limit;
-        let uart = Serial::from_state(&state.into(), IrqTrigger(irq), vm_superio::serial::NoEvents, w)
+        let uart = Serial::from_state(state, IrqTrigger(irq), vm_superio::serial::NoEvents, w)
             .map_err(|e| format!("restoring the serial console: {e:?}"))?;
         Ok(Self { uart })
     }
 
     /// The UART's registers and receive FIFO, for a snapshot (the VM is paused).
-    pub fn save_state(&self) -> SerialRegs {
-        self.uart.state().into()
+    pub fn save_state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// Writes out a last line that has no newline yet (the VM ended, or a test looks).

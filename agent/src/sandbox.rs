@@ -212,11 +212,14 @@ impl Sandbox {
 
     pub fn create_sandbox(&self, req: &pb::CreateSandboxRequest) -> Result<()> {
         spec::validate_id("sandbox", &req.sandbox_id)?;
+        guest::check_entropy(&req.entropy)?;
         let mut pod = lock(&self.pod);
         if let Some(id) = &pod.sandbox_id {
             return Err(SandboxError::Precondition(format!("sandbox {id} was already created in this agent")));
         }
         if self.cfg.guest {
+            // Before the sandbox's identity: a clone of a VM template reseeds first.
+            guest::add_entropy(&req.entropy)?;
             if req.guest_time_unix_sec > 0 {
                 guest::set_time(req.guest_time_unix_sec, req.guest_time_nsec)?;
             }

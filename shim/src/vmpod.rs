@@ -197,6 +197,7 @@ impl VmPod {
             shared_fs_mount_point: GUEST_SHARED_DIR.into(),
             guest_time_unix_sec: now.as_secs() as i64,
             guest_time_nsec: now.subsec_nanos(),
+            entropy: host_entropy().map_err(|e| internal(format!("reading host entropy for the guest: {e}")))?,
             ..Default::default()
         };
         agent.client.create_sandbox(agent.ctx(), &req).map_err(|e| task_error("CreateSandbox", e))?;
@@ -394,6 +395,17 @@ impl GuestPod for VmPod {
         drop(self.share.lock().unwrap_or_else(|e| e.into_inner()).take());
         crate::cleanup::remove_state_dir(&self.paths.dir);
     }
+}
+
+/// How many random bytes the guest gets from the host at CreateSandbox.
+const GUEST_ENTROPY_BYTES: usize = 64;
+
+/// Fresh random bytes for the guest's entropy pool (the kernel's, through /dev/urandom:
+/// it never blocks once the host has booted).
+fn host_entropy() -> std::io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; GUEST_ENTROPY_BYTES];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// The guest console's last lines (written only with `debug` on; the guest's text: read

@@ -304,9 +304,9 @@ fn control_api_pause_resume_timeline_shutdown() -> CaseResult {
     Ok(Outcome::Passed)
 }
 
-/// The highest `TICK-n` the guest's counting loop printed in `out`.
-fn last_tick(out: &str) -> Option<u64> {
-    out.split("TICK-").skip(1).filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).max()
+/// The `TICK-n` numbers the guest's counting loop printed in `out`, in order.
+fn ticks(out: &str) -> Vec<u64> {
+    out.split("TICK-").skip(1).filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).collect()
 }
 
 /// The guest counts on the console (one line a second); the VM is paused and
@@ -340,7 +340,7 @@ fn snapshot_restores_twice_and_the_guests_go_on() -> CaseResult {
     vm.signal(libc::SIGTERM);
     vm.wait_exit(Duration::from_secs(30))?;
     // Everything the first VM printed, a line cut by the pause included.
-    let at_snapshot = last_tick(&vm.output()).context("no tick before the snapshot")?;
+    let at_snapshot = ticks(&vm.output()).into_iter().max().context("no tick before the snapshot")?;
     let mem_meta = std::fs::metadata(&memory)?;
     println!(
         "snapshot after tick {at_snapshot}: state {} bytes, memory file {} MiB, {} MiB on disk",
@@ -362,11 +362,7 @@ fn snapshot_restores_twice_and_the_guests_go_on() -> CaseResult {
         r.wait_for(&want, BOOT_TIMEOUT).with_context(|| format!("restored VM {name}"))?;
         let out = r.output();
         ensure_that!(!out.contains("Linux version"), "restored VM {name} booted again:\n{out}");
-        let first: u64 = out
-            .split("TICK-")
-            .nth(1)
-            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-            .context("no tick")?;
+        let first = *ticks(&out).first().context("no tick")?;
         // The next tick; or the one after, when the pause cut the next one's line in
         // two (its start went to the first VM's console, the rest to this one's).
         ensure_that!(
@@ -379,7 +375,8 @@ fn snapshot_restores_twice_and_the_guests_go_on() -> CaseResult {
         r.wait_exit(Duration::from_secs(30))?;
     }
 
-    // Refusals: another memory size, a memory file of another save.
+    // Refusals: another memory size, a memory file of another save. Both are refused
+    // before the VMM makes a socket, a device or a KVM VM.
     let out = restore_cmd(256).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure_that!(

@@ -255,20 +255,23 @@ impl MicroVm {
                 config.memory_mib
             )));
         }
-        if restore.is_none() {
-            boot::check_images(&config.kernel, config.initrd.as_deref())?;
-        }
-        let nets = Self::open_nets(&config.nets)?;
-        let mem_bytes = config.memory_mib << 20;
         let identity = crate::snapshot::microvm::vm_identity(config);
-        let (vm, snapshot) = match restore {
-            None => (Vm::new(mem_bytes)?, None),
-            Some(Restore { snapshot, memory }) => {
-                // The configuration first (the memory size included), so a restore
-                // with other options is told which differs.
+        match &restore {
+            None => boot::check_images(&config.kernel, config.initrd.as_deref())?,
+            Some(Restore { snapshot, .. }) => {
+                // The configuration first (the memory size included), before any tap,
+                // socket or KVM VM exists: a restore with other options is told which
+                // differs, and leaves nothing behind.
                 let mut as_configured = snapshot.header.clone();
                 as_configured.config = identity.clone();
                 snapshot.header.check_restorable(&as_configured).map_err(|e| StartError::Restore(e.to_string()))?;
+            }
+        }
+        let nets = Self::open_nets(&config.nets)?;
+        let mem_bytes = config.memory_mib << 20;
+        let (vm, snapshot) = match restore {
+            None => (Vm::new(mem_bytes)?, None),
+            Some(Restore { snapshot, memory }) => {
                 let vm = Vm::with_memory(mem_bytes, memory)?;
                 let here = Header::this_host(&vm.supported_cpuid, vm.tsc_deadline, identity.clone())
                     .map_err(|e| StartError::Restore(format!("describing this host: {e}")))?;

@@ -261,7 +261,9 @@ fn results(report: &Path) -> anyhow::Result<BTreeMap<String, (String, String)>> 
             name.push(spec["LeafNodeText"].as_str().unwrap_or_default().to_string());
             let state = spec["State"].as_str().unwrap_or("unknown").to_string();
             let msg = spec["Failure"]["Message"].as_str().unwrap_or_default();
-            let mut msg = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string();
+            // All of it, on one line: the first line is often only critest's own words
+            // ("failed to create PodSandbox") and the runtime's reason follows.
+            let mut msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
             // Where it failed (a BeforeEach's pod start, an AfterEach's teardown, the It).
             if let Some(node) = spec["Failure"]["FailureNodeType"].as_str().filter(|n| !n.is_empty()) {
                 msg = format!("in {node}: {msg}");
@@ -270,6 +272,14 @@ fn results(report: &Path) -> anyhow::Result<BTreeMap<String, (String, String)>> 
         }
     }
     Ok(out)
+}
+
+/// containerd's log lines at level error or warning, each cut to 600 characters.
+fn errors_in(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("level=error") || l.contains("level=warning"))
+        .map(|l| l.chars().take(600).collect())
+        .collect()
 }
 
 /// The reason of a wisp skip, if the spec is one of `VM_SKIPS`.
@@ -357,7 +367,19 @@ fn short(state: &str) -> &str {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // The error's chain, without the backtrace anyhow's own `Termination` adds when
+    // RUST_BACKTRACE is set: it only ever pointed here.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = parse_args()?;
     std::fs::create_dir_all(&args.out)?;
     cni::reset();
@@ -401,7 +423,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     // containerd's log (shim logs included), for what the reports cannot tell.
-    std::fs::write(args.out.join("containerd.log"), c.log())?;
+    let log = c.log();
+    std::fs::write(args.out.join("containerd.log"), &log)?;
     drop(c);
     cni::delete_bridge();
 
@@ -418,7 +441,7 @@ fn main() -> anyhow::Result<()> {
         let rerun = reruns.get(spec);
         if rs == "pass" && ws != "pass" && !(ws == "skip" && vm_skip_reason(spec).is_some()) {
             // The failure's own words, first: the table the CI log shows may be cut.
-            let why: String = wm.chars().take(600).collect();
+            let why: String = wm.chars().take(1500).collect();
             short_of_runc.push(format!("{spec} (wisp: {ws}): {why}"));
         }
         *counts.entry(("runc", rs)).or_default() += 1;
@@ -460,6 +483,11 @@ fn main() -> anyhow::Result<()> {
         println!("conformance: {s}");
     }
     if !short_of_runc.is_empty() {
+        // What containerd and the shim said went wrong, for the reason critest cannot see.
+        eprintln!("conformance: containerd's errors and warnings (all in {}):", args.out.join("containerd.log").display());
+        for line in errors_in(&log).iter().rev().take(60).rev() {
+            eprintln!("  {line}");
+        }
         bail!(
             "wisp falls short of runc on {} spec(s) runc passes:\n  {}",
             short_of_runc.len(),
@@ -504,5 +532,31 @@ mod tests {
         .is_none());
         assert!(vm_skip_reason("Container runtime should support basic operations on container").is_none());
         assert!(matches(IMAGE_GROUPS, "[k8s.io] Image Manager public image with tag should be pulled"));
+    }
+
+    #[test]
+    fn a_failure_keeps_the_runtime_s_reason_that_follows_critest_s_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("r.json");
+        let spec = serde_json::json!([{ "SpecReports": [{
+            "LeafNodeType": "It",
+            "ContainerHierarchyTexts": ["[k8s.io] Container Mount Readonly", "runtime should support readonly mounts"],
+            "LeafNodeText": "should support non-recursive readonly mounts",
+            "State": "failed",
+            "Failure": {
+                "Message": "failed to create PodSandbox\nUnexpected error:\n    <*status.Error>: rpc error: code = Unknown desc = the VM ended",
+                "FailureNodeType": "BeforeEach"
+            }
+        }]}]);
+        std::fs::write(&report, spec.to_string()).unwrap();
+        let r = results(&report).unwrap();
+        let (state, msg) = &r["[k8s.io] Container Mount Readonly runtime should support readonly mounts should support non-recursive readonly mounts"];
+        assert_eq!(state, "failed");
+        assert_eq!(
+            msg,
+            "in BeforeEach: failed to create PodSandbox Unexpected error: <*status.Error>: rpc error: code = Unknown desc = the VM ended"
+        );
+        let log = "time=1 level=info msg=a\ntime=2 level=error msg=\"the VM ended\"\ntime=3 level=warning msg=w\n";
+        assert_eq!(errors_in(log), ["time=2 level=error msg=\"the VM ended\"", "time=3 level=warning msg=w"]);
     }
 }

@@ -51,8 +51,8 @@ fuzz_target!(|data: &[u8]| {
         3 => {
             let Ok(r) = UpdateInterfaceRequest::parse_from_bytes(bytes) else { return };
             if let Some(iface) = r.interface.as_ref() {
-                if let Ok((_, addrs)) = check_interface(iface) {
-                    assert!(addrs.iter().all(|(a, p)| *p <= if a.is_ipv4() { 32 } else { 128 }));
+                if let Ok(checked) = check_interface(iface) {
+                    assert!(checked.addresses.iter().all(|(a, p)| *p <= if a.is_ipv4() { 32 } else { 128 }));
                 }
             }
         }

@@ -180,6 +180,26 @@ pub static KEYS: &[Key] = &[
         set: None,
     },
     Key {
+        section: "hypervisor",
+        name: "templates",
+        kind: Kind::Bool,
+        doc: "Start each pod's VM by restoring a template: a VM of the same shape (kernel, \
+              initrd, wisp-vmm, vCPUs, memory, kernel parameters, NICs, debug console) \
+              booted once until its agent answered, kept under state_dir/templates. The \
+              first pod of a shape boots cold and makes it; pods restored from it start \
+              without a boot and share its unchanged guest memory in the page cache. Each \
+              restored guest gets fresh host entropy, the clock, its hostname, MAC and \
+              addresses after the restore; it shares the template's kernel memory layout \
+              (KASLR offset) with the others (see the README). A template that cannot be \
+              made or restored means a cold boot, with a warning.",
+        get: |c| Setting::Bool(c.hypervisor.templates),
+        set: Some(|c, s| {
+            if let Setting::Bool(v) = s {
+                c.hypervisor.templates = v;
+            }
+        }),
+    },
+    Key {
         section: "agent",
         name: "dial_timeout_ms",
         kind: Kind::Integer {

@@ -216,7 +216,7 @@ mod tests {
             format!(
                 "config file {} (from the shim option config_path): unknown key \
                  `hypervisor.memory_mb`; [hypervisor] allows: path, kernel, initrd, \
-                 kernel_params, vcpus, memory_mib, jail, seccomp",
+                 kernel_params, vcpus, memory_mib, jail, seccomp, templates",
                 path.display()
             )
         );

@@ -77,6 +77,9 @@ pub struct HypervisorConfig {
     pub jail: bool,
     /// Per-thread seccomp filters in each wisp-vmm; off only for debugging.
     pub seccomp: bool,
+    /// Start pods by restoring a booted VM template of their VM's shape (the shim's
+    /// `template.rs`), with a cold boot as the fallback.
+    pub templates: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -90,6 +93,7 @@ impl Default for HypervisorConfig {
             memory_mib: 256,
             jail: true,
             seccomp: true,
+            templates: true,
         }
     }
 }

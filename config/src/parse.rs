@@ -181,6 +181,7 @@ mod tests {
             memory_mib = 2048
             jail = false
             seccomp = false
+            templates = false
 
             [agent]
             dial_timeout_ms = 20000
@@ -204,6 +205,7 @@ mod tests {
                 memory_mib: 2048,
                 jail: false,
                 seccomp: false,
+                templates: false,
             },
             agent: AgentConfig {
                 dial_timeout_ms: 20_000,
@@ -292,7 +294,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "inline configuration: unknown key `hypervisor.vcpu`; [hypervisor] allows: \
-             path, kernel, initrd, kernel_params, vcpus, memory_mib, jail, seccomp"
+             path, kernel, initrd, kernel_params, vcpus, memory_mib, jail, seccomp, templates"
         );
         let e = err("[runtime]\nenable_debug = true\n");
         assert!(

@@ -293,7 +293,7 @@ fn control_api_pause_resume_timeline_shutdown() -> CaseResult {
     ensure_that!(client.state(ctx(), &Empty::new())?.state == "running", "not running after resume");
     let tl = client.boot_timeline(ctx(), &Empty::new())?;
     let names: Vec<&str> = tl.milestones.iter().map(|m| m.name.as_str()).collect();
-    for want in ["process_start", "kvm_ready", "kernel_loaded", "vcpus_started"] {
+    for want in ["process_start", "kvm_ready", "devices_ready", "kernel_loaded", "vcpus_started"] {
         ensure_that!(names.contains(&want), "timeline lacks {want}: {names:?}");
     }
     ensure_that!(tl.milestones.windows(2).all(|w| w[0].at_us <= w[1].at_us), "timeline not ordered");

@@ -241,6 +241,11 @@ impl MicroVm {
 
     fn build(config: &VmConfig, start: Instant, restore: Option<Restore>) -> Result<Self, StartError> {
         let timeline = BootTimeline::new(start);
+        if restore.is_some() {
+            // `snapshot::microvm::open` read the state file and mapped the memory
+            // file just before.
+            timeline.record(Milestone::SnapshotOpened);
+        }
         if !VCPU_COUNTS.contains(&config.vcpus) {
             return Err(StartError::Config(format!(
                 "vcpus must be {}..={}, got {}",
@@ -331,6 +336,7 @@ impl MicroVm {
                 .map_err(|e| StartError::Config(format!("kernel command line: {e}")))?;
         }
         let DeviceSetup { mmio, cmdline, mut events, transports, .. } = setup;
+        timeline.record(Milestone::DevicesReady);
         let mut vcpus = Vec::new();
         match &snapshot {
             None => {
@@ -366,7 +372,7 @@ impl MicroVm {
                 }
             }
         }
-        timeline.record(Milestone::KernelLoaded);
+        timeline.record(if snapshot.is_some() { Milestone::VcpuStateLoaded } else { Milestone::KernelLoaded });
         // Before any vCPU runs (the probe reads and writes back MSRs on vCPU 0).
         let vcpu_support = VcpuStateSupport::probe(&vm.kvm, vcpus[0].fd()).map(Arc::new).map_err(|e| e.to_string());
 

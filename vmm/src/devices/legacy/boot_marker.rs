@@ -10,8 +10,17 @@ use crate::devices::bus::BusDevice;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Milestone {
     ProcessStart,
+    /// A restore: the state file read and checked, the memory file mapped.
+    SnapshotOpened,
+    /// The KVM VM exists with its guest memory (a restore: and its irqchip, PIT and
+    /// clock state).
     KvmReady,
+    /// Every device built (a restore: with its saved state).
+    DevicesReady,
+    /// A boot: kernel, initrd and boot parameters in guest memory, vCPUs configured.
     KernelLoaded,
+    /// A restore: every vCPU's saved state loaded.
+    VcpuStateLoaded,
     VcpusStarted,
     /// Written by the guest's init as its first act.
     GuestUserspace,
@@ -24,8 +33,11 @@ impl Milestone {
     pub fn name(&self) -> String {
         match self {
             Milestone::ProcessStart => "process_start".into(),
+            Milestone::SnapshotOpened => "snapshot_opened".into(),
             Milestone::KvmReady => "kvm_ready".into(),
+            Milestone::DevicesReady => "devices_ready".into(),
             Milestone::KernelLoaded => "kernel_loaded".into(),
+            Milestone::VcpuStateLoaded => "vcpu_state_loaded".into(),
             Milestone::VcpusStarted => "vcpus_started".into(),
             Milestone::GuestUserspace => "guest_userspace".into(),
             Milestone::AgentReady => "agent_ready".into(),

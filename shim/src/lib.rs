@@ -31,6 +31,8 @@ mod service;
 mod share;
 pub mod shim;
 mod spawn;
+mod template;
 pub mod spec;
 mod vm;
 mod vmpod;
+mod vmstart;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use wisp_config::Config;
-use wisp_protocols::vmm::ShutdownRequest;
+use wisp_protocols::vmm::{Empty, ShutdownRequest, SnapshotRequest};
 use wisp_protocols::vmm_ttrpc::VmmClient;
 
 use crate::cgroup::{VmmCgroup, CGROUP_ROOT};
@@ -123,6 +123,15 @@ struct ExitState {
     stderr_tail: Vec<String>,
 }
 
+/// What the VM starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum VmImage<'a> {
+    /// A boot of the configured kernel and initrd.
+    Boot,
+    /// A template's snapshot (`template.rs`): its state and memory files.
+    Restore { state: &'a Path, memory: &'a Path },
+}
+
 /// A running VMM. Dropping it does not stop it: call `stop`.
 pub struct VmmProcess {
     pid: u32,
@@ -140,6 +149,7 @@ impl VmmProcess {
     /// process ends.
     pub fn start(
         config: &Config,
+        image: VmImage<'_>,
         paths: &SandboxPaths,
         net: &[NetDevice<'_>],
         cgroups_path: Option<&str>,
@@ -151,8 +161,16 @@ impl VmmProcess {
             args.push(a.into());
             args.push(v.as_ref().to_owned());
         };
-        arg("--kernel", &h.kernel);
-        arg("--initrd", &h.initrd);
+        match image {
+            VmImage::Boot => {
+                arg("--kernel", &h.kernel);
+                arg("--initrd", &h.initrd);
+            }
+            VmImage::Restore { state, memory } => {
+                arg("--restore", &state);
+                arg("--restore-memory", &memory);
+            }
+        }
         arg("--vcpus", &h.vcpus.to_string());
         arg("--memory-mib", &h.memory_mib.to_string());
         arg("--vsock-uds", &paths.vsock());
@@ -184,7 +202,8 @@ impl VmmProcess {
         if !h.seccomp {
             args.push("--no-seccomp".into());
         }
-        if !h.kernel_params.is_empty() {
+        // A restored guest booted with the template's command line (its shape has it).
+        if !h.kernel_params.is_empty() && matches!(image, VmImage::Boot) {
             args.push(format!("--cmdline={}", h.kernel_params).into());
         }
         let spawn_err = |source: std::io::Error| VmError::Spawn { path: h.path.display().to_string(), source };
@@ -303,6 +322,35 @@ impl VmmProcess {
         let c = ttrpc::Client::connect(&format!("unix://{}", self.paths.api().display()))
             .map_err(|e| VmError::Api(e.to_string()))?;
         Ok(VmmClient::new(c))
+    }
+
+    /// Writes a snapshot of the running VM to `state` and `memory` (paths the VMM can
+    /// write: in its own directory) and lets it run on. The VMM refuses a snapshot while
+    /// a vsock connection is open, and the guest's side of one the caller just closed
+    /// may still be closing: the VM is resumed and the snapshot tried again until
+    /// `deadline`.
+    pub fn snapshot(&self, state: &Path, memory: &Path, deadline: Duration) -> Result<(), VmError> {
+        let api = self.api()?;
+        let call = |what: &str, r: ttrpc::Result<wisp_protocols::vmm::Empty>| {
+            r.map(drop).map_err(|e| VmError::Api(format!("{what}: {e}")))
+        };
+        let req = SnapshotRequest {
+            state_path: state.display().to_string(),
+            memory_path: memory.display().to_string(),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        loop {
+            call("Pause", api.pause(snapshot_ctx(), &Empty::new()))?;
+            let taken = call("Snapshot", api.snapshot(snapshot_ctx(), &req));
+            call("Resume", api.resume(snapshot_ctx(), &Empty::new()))?;
+            match taken {
+                Err(VmError::Api(e)) if e.contains("vsock") && start.elapsed() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Stops the VM: the guest has `grace` to end by itself (the caller asked the agent
@@ -436,6 +484,12 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
     }
 }
 
+/// A snapshot writes the guest's memory (tens of MiB, more for big VMs): its own
+/// deadline.
+fn snapshot_ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+}
+
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(5_000_000_000)
 }
@@ -527,7 +581,7 @@ mod tests {
         let mut tries = 0;
         let vm = loop {
             // A fork in another test thread can hold the script open for writing a moment.
-            match VmmProcess::start(&config, &paths, &net, None, Box::new(|_| {})) {
+            match VmmProcess::start(&config, VmImage::Boot, &paths, &net, None, Box::new(|_| {})) {
                 Err(VmError::Spawn { source, .. }) if source.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(20));

@@ -24,6 +24,7 @@ use crate::pod::{internal, Boot, GuestPod, HostMounts, NewContainer, OnVmExit, P
 use crate::share::Share;
 use crate::spec::GUEST_SHARED_DIR;
 use crate::vm::{SandboxPaths, VmmProcess};
+use crate::vmstart::{NicMacs, VmSlot, VmStart};
 
 /// The virtio-fs tag of the shared directory.
 pub const SHARED_FS_TAG: &str = "wisp";
@@ -69,7 +70,7 @@ struct Booting {
     paths: SandboxPaths,
     net: Option<PodNetwork>,
     hooks: Option<PodHooks>,
-    vm: Option<Arc<VmmProcess>>,
+    vm: VmSlot,
     armed: bool,
 }
 
@@ -86,7 +87,7 @@ impl Drop for Booting {
         if !self.armed {
             return;
         }
-        if let Some(vm) = self.vm.take() {
+        if let Some((vm, _)) = self.vm.take() {
             vm.stop(Duration::ZERO);
         }
         if let Some(mut net) = self.net.take() {
@@ -162,7 +163,6 @@ impl VmPod {
                 on_exit(why);
             })
         };
-        let devices = b.net.as_ref().map(PodNetwork::vmm_devices).unwrap_or_default();
         if !config.hypervisor.seccomp {
             log::warn!(
                 "sandbox {sandbox_id}: hypervisor.seccomp is off: wisp-vmm's threads have no seccomp filter \
@@ -175,20 +175,18 @@ impl VmPod {
                  namespaces (for debugging only)"
             );
         }
-        let cgroups_path = spec.cgroups_path.as_deref();
-        let vm = Arc::new(VmmProcess::start(&config, &paths, &devices, cgroups_path, on_exit).map_err(internal)?);
+        let devices = b.net.as_ref().map(PodNetwork::vmm_devices).unwrap_or_default();
+        let start = VmStart {
+            config: &config,
+            paths: &paths,
+            devices: &devices,
+            cgroups_path: spec.cgroups_path.as_deref(),
+            sandbox_id,
+            on_exit: Arc::new(Mutex::new(Some(on_exit))),
+        };
+        let (vm, agent, nic_macs) = start.run(&mut b.vm)?;
         drop(devices);
-        b.vm = Some(vm.clone());
-        let a = &config.agent;
-        let vm_gone = || vm.exited();
-        let agent =
-            Agent::connect(&paths.vsock(), a.dial_attempt_timeout(), a.dial_timeout(), a.rpc_timeout(), &vm_gone);
-        let agent = Arc::new(agent.map_err(|e| {
-            if let Some(tail) = console_tail(&paths) {
-                log::warn!("sandbox {sandbox_id}: the agent never answered; last guest console lines:\n{tail}");
-            }
-            internal(format!("starting the pod's VM: {e}"))
-        })?);
+        let agent = Arc::new(agent);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let req = agent::CreateSandboxRequest {
             sandbox_id: sandbox_id.into(),
@@ -202,7 +200,7 @@ impl VmPod {
         };
         agent.client.create_sandbox(agent.ctx(), &req).map_err(|e| task_error("CreateSandbox", e))?;
         if let Some(net) = &b.net {
-            configure_guest_network(&agent, net)?;
+            configure_guest_network(&agent, net, &nic_macs)?;
         }
         let after_vm = b.finish();
         Ok(Self {
@@ -265,8 +263,11 @@ impl GuestPod for VmPod {
     }
 
     fn remove_container(&self, cid: &str) -> Result<(), TaskError> {
-        let req =
-            agent::RemoveContainerRequest { container_id: cid.into(), timeout_ms: REMOVE_TIMEOUT_MS, ..Default::default() };
+        let req = agent::RemoveContainerRequest {
+            container_id: cid.into(),
+            timeout_ms: REMOVE_TIMEOUT_MS,
+            ..Default::default()
+        };
         self.agent.client.remove_container(self.agent.ctx(), &req).map_err(|e| task_error("RemoveContainer", e))?;
         Ok(())
     }
@@ -277,13 +278,7 @@ impl GuestPod for VmPod {
         Ok(resp.map_err(|e| task_error("StartContainer", e))?.pid)
     }
 
-    fn exec_process(
-        &self,
-        cid: &str,
-        eid: &str,
-        process_json: &[u8],
-        stdio: &StdioPaths,
-    ) -> Result<u32, TaskError> {
+    fn exec_process(&self, cid: &str, eid: &str, process_json: &[u8], stdio: &StdioPaths) -> Result<u32, TaskError> {
         let req = agent::ExecProcessRequest {
             container_id: cid.into(),
             exec_id: eid.into(),
@@ -410,7 +405,7 @@ fn host_entropy() -> std::io::Result<Vec<u8>> {
 
 /// The guest console's last lines (written only with `debug` on; the guest's text: read
 /// from the end of the file only, control characters replaced).
-fn console_tail(paths: &SandboxPaths) -> Option<String> {
+pub(crate) fn console_tail(paths: &SandboxPaths) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(paths.console()).ok()?;
     let len = f.metadata().ok()?.len();
@@ -423,9 +418,13 @@ fn console_tail(paths: &SandboxPaths) -> Option<String> {
 }
 
 /// Gives the guest the pod's interfaces (matched by MAC: the VMM gave each NIC its
-/// interface's MAC) and then its routes.
-fn configure_guest_network(agent: &Agent, net: &PodNetwork) -> Result<(), TaskError> {
-    for iface in net.interfaces() {
+/// interface's MAC, or a template's, which `nic_macs` maps the interface's to) and then
+/// its routes.
+fn configure_guest_network(agent: &Agent, net: &PodNetwork, nic_macs: &NicMacs) -> Result<(), TaskError> {
+    for mut iface in net.interfaces() {
+        if let Some(device_mac) = nic_macs.device_mac(&iface.mac) {
+            iface.device_mac = device_mac;
+        }
         let what = format!("configuring the guest's {} ({})", iface.name, iface.mac);
         let interface = protobuf::MessageField::some(iface);
         let req = agent::UpdateInterfaceRequest { interface, ..Default::default() };

@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The default set (what `make e2e` and CI run): the containerd suites on Debian's 1.6, the
-# CRI, crictl and nerdctl suites on the newest 2.x line (`SUITE@VER`), and the soak on 1.6
+# CRI, crictl, nerdctl and VM-template suites on the newest 2.x line (`SUITE@VER`), and the soak on 1.6
 # (under CI=true with reduced counts, below). CI runs on a fresh machine and must build
 # everything first, within 90 minutes in all (a fresh-machine dry run took 75 with
 # ctr@2.4), so these run when named: `ctr@2.4` (nerdctl@2.4 drives the same task API of
@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 # `cri_net` (its ~30 nested VMs with network devices meet the emulated host's nested
 # triple faults too often for CI; see tests/README.md). The soak's full counts take ~45
 # minutes per containerd (`make soak`).
-ALL_SUITES=(vmm_boot guest_agent ctr hostile cri cri@2.4 crictl@2.4 nerdctl@2.4 soak)
+ALL_SUITES=(vmm_boot guest_agent ctr hostile cri cri@2.4 crictl@2.4 nerdctl@2.4 templates@2.4 soak)
 
 SUMMARY_RE='^[a-z_0-9]+: ([0-9]+) passed, ([0-9]+) passed on a rerun, ([0-9]+) failed, ([0-9]+) skipped$'
 

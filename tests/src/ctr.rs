@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::containerd::{wisp_config, Containerd};
-use crate::procs::{mounts_under, STATE_DIR};
+use crate::procs::{mounts_under, sandbox_dirs, STATE_DIR};
 
 pub const RUNTIME: &str = "io.containerd.wisp.v2";
 
@@ -110,9 +110,7 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let vmms = Command::new("pgrep").args(["-x", "wisp-vmm"]).output()?.stdout;
-            let dirs: Vec<_> = std::fs::read_dir(STATE_DIR)
-                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-                .unwrap_or_default();
+            let dirs = sandbox_dirs();
             let mounts = mounts_under(&[Path::new(STATE_DIR)]);
             if vmms.is_empty() && dirs.is_empty() && mounts.is_empty() {
                 return Ok(());

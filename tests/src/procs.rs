@@ -9,6 +9,21 @@ use wisp_shim::mountinfo::{self, Entry};
 /// Where the shim keeps each pod's state (sockets, logs, mounts): `<STATE_DIR>/<sid>/`.
 pub const STATE_DIR: &str = "/run/wisp";
 
+/// The VM templates' directory below `STATE_DIR` (the shim's `template.rs`): kept
+/// across pods by design, one template per VM shape.
+pub const TEMPLATES_DIR: &str = "templates";
+
+/// The sandbox directories in `STATE_DIR`: every entry but the templates' directory.
+pub fn sandbox_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir(STATE_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name() != TEMPLATES_DIR)
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Live processes (zombies excluded) running `prog` whose arguments satisfy `pred`.
 pub fn processes(prog: &str, pred: impl Fn(&[String]) -> bool) -> Vec<u32> {
     let mut out = Vec::new();

@@ -24,7 +24,7 @@ use wisp_tests::cri::{self, v1 as api, CallError, ContainerConfig, Cri, PodConfi
 use wisp_tests::harness::{need_full_kvm, need_root, CaseResult, Outcome, Suite};
 use wisp_tests::procs::{
     all_vmm_pids, describe, host_kernel, mounts_in, mounts_under, parent, processes, serving_shim, shim_pids, vmm_pids,
-    wait_pod_gone, STATE_DIR,
+    sandbox_dirs, wait_pod_gone, STATE_DIR,
 };
 use wisp_tests::rootfs::need_busybox;
 use wisp_tests::{ensure_that, need_built, skip_unless};
@@ -187,8 +187,7 @@ impl Env {
     fn assert_no_wisp_left(&self, what: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let dirs: Vec<_> =
-                std::fs::read_dir(STATE_DIR).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+            let dirs = sandbox_dirs();
             let (vmms, shims) = (all_vmm_pids(), self.shims());
             if dirs.is_empty() && vmms.is_empty() && shims.is_empty() {
                 return Ok(());

@@ -139,7 +139,7 @@ fn netns_files() -> BTreeSet<String> {
 }
 
 fn state_dirs() -> Vec<PathBuf> {
-    std::fs::read_dir(STATE_DIR).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    wisp_tests::procs::sandbox_dirs()
 }
 
 /// The network namespace path in the sandbox container's spec (containerd's verbose

@@ -39,7 +39,9 @@ use wisp_tests::ctr::{self, need_artifacts, RUNTIME};
 use wisp_tests::harness::{
     emulator_fault, in_emulated_host, need_full_kvm, need_root, CaseResult, Outcome, Suite, TRIPLE_FAULT,
 };
-use wisp_tests::procs::{all_shim_pids, all_vmm_pids, describe, mounts_under, parent, processes, STATE_DIR};
+use wisp_tests::procs::{
+    all_shim_pids, all_vmm_pids, describe, mounts_under, parent, processes, sandbox_dirs, STATE_DIR,
+};
 use wisp_tests::rootfs::need_busybox;
 use wisp_tests::{ensure_that, skip_unless};
 
@@ -212,7 +214,11 @@ impl<'a> Watch<'a> {
         Ok(Snapshot {
             vmms: all_vmm_pids(),
             shims: all_shim_pids(),
-            state_dirs: names_in(Path::new(STATE_DIR)),
+            state_dirs: sandbox_dirs()
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect(),
             wisp_mounts: mounts_under(&[Path::new(STATE_DIR)]).into_iter().collect(),
             containerd_mounts: mounts_under(&[self.c.dir.path(), run_containerd]).into_iter().collect(),
             taps: names_in(Path::new("/sys/class/net")).into_iter().filter(|n| is_wisp_tap(n)).collect(),

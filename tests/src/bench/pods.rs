@@ -53,6 +53,9 @@ pub struct PodEnv {
     /// A wisp config like the default one with the VMM's jail and seccomp off, for the
     /// confinement-cost figure (`ctr run --runtime-config-path`).
     pub unconfined_config: std::path::PathBuf,
+    /// The default config with `hypervisor.templates` off: every pod boots cold, for the
+    /// templates' figures.
+    pub cold_config: std::path::PathBuf,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -80,7 +83,13 @@ impl PodEnv {
             bail!("the test wisp config has no [hypervisor] memory_mib line to add jail = false after");
         }
         std::fs::write(&unconfined_config, toml)?;
-        Ok(Self { containerd, image, unconfined_config })
+        let cold_config = containerd.dir.path().join("wisp-cold.toml");
+        let toml = wisp_config("").replace("memory_mib = 256\n", "memory_mib = 256\ntemplates = false\n");
+        if !toml.contains("templates = false") {
+            bail!("the test wisp config has no [hypervisor] memory_mib line to add templates = false after");
+        }
+        std::fs::write(&cold_config, toml)?;
+        Ok(Self { containerd, image, unconfined_config, cold_config })
     }
 
     /// `ctr args`, failing with ctr's stderr when it fails.
@@ -96,6 +105,27 @@ impl PodEnv {
     /// Starts `sleep 600` detached in a new container; returns when its task runs.
     pub fn run_detached(&self, runtime: &str, id: &str) -> anyhow::Result<()> {
         self.ctr(&["run", "-d", "--runtime", runtime, &self.image, id, "sleep", "600"]).map(drop)
+    }
+
+    /// `ctr run` arguments for wisp: with the default configuration (templates on) on
+    /// the wisp side, with `cold_config` (every pod boots cold) on the peer side.
+    fn wisp_run_args<'a>(&'a self, side: Side, cold: &'a str) -> Vec<&'a str> {
+        let mut args = vec!["run", "--runtime", WISP_RUNTIME];
+        if side == Side::Peer {
+            args.extend_from_slice(&["--runtime-config-path", cold]);
+        }
+        args
+    }
+
+    /// The pid of pod `id`'s VMM, from its state directory (`PID STARTTIME`).
+    fn vmm_pid(&self, id: &str) -> anyhow::Result<u32> {
+        std::fs::read_to_string(Path::new("/run/wisp").join(id).join("vmm.pid"))
+            .context("reading the VMM's pid file")?
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .context("the VMM's pid file")
     }
 
     /// The task's PID as containerd reports it (wisp: the shim; runc: the container).
@@ -195,14 +225,7 @@ pub fn idle_pod_memory(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
                 // wisp reports the shim as the task's process; the VMM's pid is in the
                 // sandbox's state directory.
                 let (shim_pss, shim_rss) = rollup(task)?;
-                // (`PID STARTTIME`: the pid is the first field.)
-                let vmm_pid: u32 = std::fs::read_to_string(Path::new("/run/wisp").join(&id).join("vmm.pid"))
-                    .context("reading the VMM's pid file")?
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .parse()
-                    .context("the VMM's pid file")?;
+                let vmm_pid = env.vmm_pid(&id)?;
                 // The guest RAM is found by the kernel command line the VMM wrote into
                 // it (console off, as the shim runs it by default).
                 let cmdline = wisp_vmm::arch::x86_64::boot::base_cmdline(false)?;
@@ -239,6 +262,66 @@ pub fn idle_pod_memory(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
     let sample = measured?;
     removed?;
     Ok(sample)
+}
+
+/// `ctr run --rm <busybox> echo` through wisp: restored from the shape's template (the
+/// default configuration) against booted cold (`hypervisor.templates` off), in the same
+/// containerd.
+pub fn ctr_run_echo_template(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
+    let env = ctx.pods.get()?;
+    let id = unique("template");
+    let cold = env.cold_config.display().to_string();
+    let mut args = env.wisp_run_args(side, &cold);
+    args.extend_from_slice(&["--rm", &env.image, &id, "echo", "wisp-bench"]);
+    let start = Instant::now();
+    let out = env.ctr(&args)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if out.trim() != "wisp-bench" {
+        bail!("ctr run printed {out:?}, not the echoed word");
+    }
+    Ok(Sample { values: vec![("ctr_run_echo_template", ms)], ..Default::default() })
+}
+
+/// Idle pods running at once in the memory-per-pod figure.
+pub const MEMORY_PODS: usize = 10;
+
+/// `MEMORY_PODS` idle wisp pods (`ctr run -d ... sleep 600`) at once, restored from the
+/// template (wisp side; a first pod makes sure it exists) or booted cold (peer side):
+/// after the settle time, the PSS of their shims and VMMs, per pod. The guest pages a
+/// restored pod only read are one page-cache copy of the template's memory file, which
+/// PSS splits between the VMMs that map it.
+pub fn template_pods_memory(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
+    let env = ctx.pods.get()?;
+    let cold = env.cold_config.display().to_string();
+    if side == Side::Wisp {
+        let id = unique("warm");
+        let mut args = env.wisp_run_args(side, &cold);
+        args.extend_from_slice(&["--rm", &env.image, &id, "true"]);
+        env.ctr(&args)?;
+    }
+    let ids: Vec<String> = (0..MEMORY_PODS).map(|_| unique("mem")).collect();
+    let measured = (|| -> anyhow::Result<f64> {
+        for id in &ids {
+            let mut args = env.wisp_run_args(side, &cold);
+            args.extend_from_slice(&["-d", &env.image, id, "sleep", "600"]);
+            env.ctr(&args)?;
+        }
+        std::thread::sleep(ctx.settle);
+        let mut kib = 0;
+        for id in &ids {
+            kib += rollup(env.task_pid(id)?)?.0 + rollup(env.vmm_pid(id)?)?.0;
+        }
+        Ok(kib as f64 / MIB / MEMORY_PODS as f64)
+    })();
+    let mut removed = Ok(());
+    for id in &ids {
+        if let Err(e) = env.remove(id) {
+            removed = removed.and(Err(e));
+        }
+    }
+    let pss = measured?;
+    removed?;
+    Ok(Sample { values: vec![("pod_memory_pss_10", pss)], ..Default::default() })
 }
 
 /// `PARALLEL_PODS` wisp pods started (`ctr run -d`) all at once (wisp side) or one

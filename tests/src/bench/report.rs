@@ -139,7 +139,7 @@ pub fn markdown(results: &[FigureResult], runs: usize, warmup: usize, context: &
     for r in results {
         if let Outcome::Measured { wisp_parts, .. } = &r.outcome {
             if !wisp_parts.is_empty() {
-                let _ = writeln!(md, "\n`{}` of wisp by what backs it ({}, median):\n", r.spec.name, r.spec.unit);
+                let _ = writeln!(md, "\n`{}` of wisp, by part ({}, median):\n", r.spec.name, r.spec.unit);
                 for (label, v) in wisp_parts {
                     let _ = writeln!(md, "- {label}: {}", cell(v, r.spec.unit));
                 }

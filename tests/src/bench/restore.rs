@@ -1,8 +1,8 @@
 //! VM snapshots at the VMM level (issue 18): a guest booted once to its agent is paused
 //! and snapshotted through wisp-vmm's control API, and VMMs started from that snapshot
 //! (`wisp-vmm --restore`) are held against the same VMM booting cold, in the same run.
-//! These are the VMM's figures: the shim does not use snapshots yet, so the pod figures
-//! (ctr, CRI) still boot.
+//! These are the VMM's figures; the shim's templates (the pods' figures) are in
+//! `pods.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +17,7 @@ use super::figures::check_agent;
 use super::pods::rollup;
 use super::timed::TimedChild;
 use super::vms::{Side, MEMORY_MIB};
-use super::{Ctx, Sample};
+use super::{Ctx, Part, Sample};
 
 /// How many VMs the memory figure runs at once on each side.
 pub const VMS_AT_ONCE: usize = 10;
@@ -102,14 +102,61 @@ fn start_to_agent(ctx: &Ctx, side: Side, dir: &Path, n: usize) -> anyhow::Result
     Ok((vm, answered))
 }
 
-/// wisp side: spawn of a VMM restoring the template until its agent answers Check;
-/// peer side: the same VMM booting cold to the same answer.
+/// The phases of a restore between the VMM's milestones, for the figure's parts: (from,
+/// to, what happens). `AGENT` is the agent's answer.
+const RESTORE_PHASES: [(&str, &str, &str); 6] = [
+    (SPAWN, "snapshot_opened", "spawn, state file read and checked, memory file mapped"),
+    ("snapshot_opened", "kvm_ready", "KVM VM on the mapped memory; irqchip, PIT and clock state"),
+    ("kvm_ready", "devices_ready", "devices with their saved state"),
+    ("devices_ready", "vcpu_state_loaded", "vCPU state (registers, MSRs, LAPIC, XSAVE, events)"),
+    ("vcpu_state_loaded", "vcpus_started", "vCPU threads started"),
+    ("vcpus_started", AGENT, "guest runs on (first page faults on the mapped memory) until the agent answers"),
+];
+const SPAWN: &str = "spawn";
+const AGENT: &str = "agent answered";
+
+/// wisp side: spawn of a VMM restoring the template until its agent answers Check, with
+/// where the time went (`RESTORE_PHASES`, from the VMM's timeline); peer side: the same
+/// VMM booting cold to the same answer.
 pub fn restore_to_agent(ctx: &Ctx, side: Side) -> anyhow::Result<Sample> {
     let dir = tempfile::tempdir()?;
     let (mut vm, answered) = start_to_agent(ctx, side, dir.path(), 0)?;
     let ms = answered.duration_since(vm.started).as_secs_f64() * 1e3;
+    let parts = match side {
+        Side::Wisp => restore_phases(&vm, &dir.path().join("vm0.api"), ms),
+        Side::Peer => Ok(Vec::new()),
+    };
     vm.stop()?;
-    Ok(Sample { values: vec![("restore_to_agent", ms)], ..Default::default() })
+    Ok(Sample { values: vec![("restore_to_agent", ms)], parts: parts?, ..Default::default() })
+}
+
+/// The restore's phases in ms: the VMM's milestones (control API), shifted by its exec
+/// delay, and the agent's answer at `answered_ms`.
+fn restore_phases(vm: &TimedChild, api: &Path, answered_ms: f64) -> anyhow::Result<Vec<Part>> {
+    let tl = api_client(api)?
+        .boot_timeline(ttrpc::context::with_timeout(10_000_000_000), &Empty::new())
+        .context("BootTimeline")?;
+    let exec_ms = super::timeline::exec_delay_ms(vm.started, &vm.lines())?;
+    let at = |name: &str| -> anyhow::Result<f64> {
+        match name {
+            SPAWN => Ok(0.0),
+            AGENT => Ok(answered_ms),
+            _ => tl
+                .milestones
+                .iter()
+                .find(|m| m.name == name)
+                .map(|m| exec_ms + m.at_us as f64 / 1e3)
+                .with_context(|| format!("the restored VMM's timeline has no {name}")),
+        }
+    };
+    RESTORE_PHASES
+        .iter()
+        .map(|(from, to, what)| {
+            Ok(Part {
+                figure: "restore_to_agent", label: format!("{from} → {to}: {what}"), value: at(to)? - at(from)?
+            })
+        })
+        .collect()
 }
 
 /// `VMS_AT_ONCE` VMs each started to its agent's answer (restored, or booted cold),

@@ -37,6 +37,12 @@ impl Mapping {
     fn is_anonymous_rw(&self) -> bool {
         self.is_anonymous() && self.perms.starts_with("rw")
     }
+
+    /// Guest RAM as a VMM maps it: anonymous, or (a VM restored from a snapshot) its
+    /// memory file mapped private and writable (copy-on-write).
+    fn is_guest_ram_candidate(&self) -> bool {
+        self.is_anonymous_rw() || (self.perms == "rw-p" && self.path.ends_with(".mem"))
+    }
 }
 
 /// Parses the text of `/proc/<pid>/smaps`.
@@ -88,25 +94,28 @@ impl VmmMemory {
 pub fn split_guest_ram(maps: &[Mapping], guest_bytes: u64) -> anyhow::Result<VmmMemory> {
     let want_kib = guest_bytes / 1024;
     let total_pss_kib = maps.iter().map(|m| m.pss_kib).sum();
-    let exact: Vec<&Mapping> = maps.iter().filter(|m| m.is_anonymous_rw() && m.size_kib == want_kib).collect();
-    let guest_pss_kib = match exact.as_slice() {
-        [one] => one.pss_kib,
-        [] => contiguous_anonymous_run(maps, want_kib).with_context(|| {
-            format!("no anonymous read-write mapping of {} MiB (the guest RAM) in smaps", guest_bytes >> 20)
-        })?,
+    let exact: Vec<&Mapping> = maps.iter().filter(|m| m.is_guest_ram_candidate() && m.size_kib == want_kib).collect();
+    let (guest_pss_kib, guest_backing) = match exact.as_slice() {
+        [one] => (one.pss_kib, backing(one)),
+        [] => {
+            let kib = contiguous_anonymous_run(maps, want_kib).with_context(|| {
+                format!("no anonymous read-write mapping of {} MiB (the guest RAM) in smaps", guest_bytes >> 20)
+            })?;
+            (kib, ANONYMOUS.to_string())
+        }
         many => bail!(
             "{} anonymous mappings of {} MiB in smaps: cannot tell which is the guest RAM",
             many.len(),
             guest_bytes >> 20
         ),
     };
-    Ok(VmmMemory { total_pss_kib, guest_pss_kib, overhead_by_backing: by_backing(maps, guest_pss_kib) })
+    Ok(VmmMemory { total_pss_kib, guest_pss_kib, overhead_by_backing: by_backing(maps, guest_pss_kib, &guest_backing) })
 }
 
 /// What backs a mapping, as a short label: the file's name, or the kind of memory.
 fn backing(m: &Mapping) -> String {
     if m.is_anonymous() {
-        return "anonymous (malloc arenas, thread stacks)".into();
+        return ANONYMOUS.into();
     }
     match m.path.rsplit('/').next() {
         Some(name) if !name.is_empty() => name.to_string(),
@@ -114,8 +123,12 @@ fn backing(m: &Mapping) -> String {
     }
 }
 
-/// PSS by backing, with the guest RAM taken out of the anonymous memory.
-fn by_backing(maps: &[Mapping], guest_pss_kib: u64) -> Vec<(String, u64)> {
+/// What backs anonymous memory, as `backing` labels it.
+const ANONYMOUS: &str = "anonymous (malloc arenas, thread stacks)";
+
+/// PSS by backing, with the guest RAM taken out of its backing's (`guest_backing`: the
+/// anonymous memory, or a restored VM's memory file).
+fn by_backing(maps: &[Mapping], guest_pss_kib: u64, guest_backing: &str) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
     for m in maps {
         let label = backing(m);
@@ -124,7 +137,7 @@ fn by_backing(maps: &[Mapping], guest_pss_kib: u64) -> Vec<(String, u64)> {
             None => out.push((label, m.pss_kib)),
         }
     }
-    if let Some((_, kib)) = out.iter_mut().find(|(l, _)| l.starts_with("anonymous")) {
+    if let Some((_, kib)) = out.iter_mut().find(|(l, _)| l == guest_backing) {
         *kib = kib.saturating_sub(guest_pss_kib);
     }
     out.retain(|(_, kib)| *kib > 0);
@@ -182,7 +195,7 @@ pub fn vmm_memory(pid: u32, guest_bytes: u64, anchor: Option<Anchor>) -> anyhow:
     Ok(VmmMemory {
         total_pss_kib: maps.iter().map(|m| m.pss_kib).sum(),
         guest_pss_kib,
-        overhead_by_backing: by_backing(&maps, guest_pss_kib),
+        overhead_by_backing: by_backing(&maps, guest_pss_kib, ANONYMOUS),
     })
 }
 
@@ -320,6 +333,19 @@ Pss:                  12 kB
         );
         let err = split_guest_ram(&parse(SMAPS).unwrap(), 256 << 20).unwrap_err();
         assert!(format!("{err:#}").contains("256 MiB"), "{err:#}");
+    }
+
+    #[test]
+    fn a_restored_vm_s_guest_ram_is_its_memory_file_mapped_private() {
+        let restored = SMAPS.replace(
+            "7fe26be00000-7fe273e00000 rw-p 00000000 00:00 0 ",
+            "7fe26be00000-7fe273e00000 rw-p 00000000 00:1a 4242 /run/wisp/templates/0123456789abcdef/vm.mem",
+        );
+        assert_ne!(restored, SMAPS, "the fixture's guest RAM line moved");
+        let m = split_guest_ram(&parse(&restored).unwrap(), 128 << 20).unwrap();
+        assert_eq!(m.guest_pss_kib, 22528);
+        assert_eq!(m.overhead_kib(), 20 + 4688 + 12);
+        assert!(m.overhead_by_backing.iter().all(|(l, _)| l != "vm.mem"), "{:?}", m.overhead_by_backing);
     }
 
     #[test]

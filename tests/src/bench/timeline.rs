@@ -59,6 +59,19 @@ fn ms_since(start: Instant, t: Instant) -> f64 {
     t.saturating_duration_since(start).as_secs_f64() * 1e3
 }
 
+/// The time from the spawn to the VMM's own start (its milestones count from there):
+/// the smallest gap between when the host read a `boot timeline:` log line and the time
+/// the line itself gives.
+pub fn exec_delay_ms(started: Instant, lines: &[Line]) -> anyhow::Result<f64> {
+    Ok(lines
+        .iter()
+        .filter(|l| l.stream == Stream::Stderr)
+        .filter_map(|l| parse_log_line(&l.text).map(|(_, at)| ms_since(started, l.at) - at))
+        .reduce(f64::min)
+        .context("wisp-vmm printed no `boot timeline:` log lines (is it run with --log-level info?)")?
+        .max(0.0))
+}
+
 /// Builds one run's timeline from its timestamped output and the VMM's milestones
 /// (name, ms since the VMM process started).
 pub fn from_run(
@@ -67,13 +80,7 @@ pub fn from_run(
     milestones: &[(String, f64)],
     marker: &str,
 ) -> anyhow::Result<Timeline> {
-    let exec_ms = lines
-        .iter()
-        .filter(|l| l.stream == Stream::Stderr)
-        .filter_map(|l| parse_log_line(&l.text).map(|(_, at)| ms_since(started, l.at) - at))
-        .reduce(f64::min)
-        .context("wisp-vmm printed no `boot timeline:` log lines (is it run with --log-level info?)")?
-        .max(0.0);
+    let exec_ms = exec_delay_ms(started, lines)?;
     let console: Vec<&Line> =
         lines.iter().filter(|l| l.stream == Stream::Stdout && !l.text.trim().is_empty()).collect();
     let Some(marker_idx) = console.iter().position(|l| l.text.contains(marker)) else {
@@ -117,8 +124,9 @@ pub fn describe(from: &str, to: &str) -> &'static str {
     match (from, to) {
         (SPAWN, "process_start") => "fork/exec, dynamic loading, argument parsing",
         ("process_start", "kvm_ready") => "open /dev/kvm, create the VM and guest memory, irqchip, PIT",
-        ("kvm_ready", "kernel_loaded") => "devices, then the kernel and initrd read into guest memory",
-        ("kernel_loaded", "vcpus_started") => "boot parameters, vCPU registers, vCPU threads",
+        ("kvm_ready", "devices_ready") => "virtio-mmio devices and their backends (taps, sockets, shares)",
+        ("devices_ready", "kernel_loaded") => "the kernel and initrd read into guest memory, vCPUs configured",
+        ("kernel_loaded", "vcpus_started") => "vCPU threads started",
         ("vcpus_started", FIRST_CONSOLE) => "guest kernel until its first console line",
         (FIRST_CONSOLE, MARKER) => "guest kernel init (log on the serial console) until /init prints",
         ("vcpus_started", MARKER) => "guest kernel boot until /init prints",

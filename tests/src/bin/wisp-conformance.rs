@@ -484,7 +484,10 @@ fn run() -> anyhow::Result<()> {
     }
     if !short_of_runc.is_empty() {
         // What containerd and the shim said went wrong, for the reason critest cannot see.
-        eprintln!("conformance: containerd's errors and warnings (all in {}):", args.out.join("containerd.log").display());
+        eprintln!(
+            "conformance: containerd's errors and warnings (all in {}):",
+            args.out.join("containerd.log").display()
+        );
         for line in errors_in(&log).iter().rev().take(60).rev() {
             eprintln!("  {line}");
         }

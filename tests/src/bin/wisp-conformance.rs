@@ -383,7 +383,11 @@ fn run() -> anyhow::Result<()> {
     let args = parse_args()?;
     std::fs::create_dir_all(&args.out)?;
     cni::reset();
-    let c = Containerd::start_with_cni(&wisp_config(""), &[("10-wisp-cri-net.conflist", &conflist()?)])?;
+    // The guest console is kept (runtime.debug): a nested guest that stalls while its
+    // kernel boots shows only there, and without it such a failure is not known for the
+    // emulator fault it is (the e2e suites run the same way).
+    let wisp = wisp_config("[runtime]\ndebug = true\n");
+    let c = Containerd::start_with_cni(&wisp, &[("10-wisp-cri-net.conflist", &conflist()?)])?;
     eprintln!("conformance: containerd {}", c.build.version);
     c.import_cri_images()?;
     let scratch = tempfile::tempdir()?;

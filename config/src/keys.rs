@@ -189,9 +189,9 @@ pub static KEYS: &[Key] = &[
               first pod of a shape boots cold and makes it; pods restored from it start \
               without a boot and share its unchanged guest memory in the page cache. Each \
               restored guest gets fresh host entropy, the clock, its hostname, MAC and \
-              addresses after the restore; it shares the template's kernel memory layout \
-              (KASLR offset) with the others (see the README). A template that cannot be \
-              made or restored means a cold boot, with a warning.",
+              addresses after the restore; it shares the template's kernel memory layout and \
+              the kernel secrets drawn while it booted with the others (see the README). A \
+              template that cannot be made or restored means a cold boot, with a warning.",
         get: |c| Setting::Bool(c.hypervisor.templates),
         set: Some(|c, s| {
             if let Setting::Bool(v) = s {

@@ -223,6 +223,56 @@ impl Dir {
         Ok(())
     }
 
+    /// Opens `rel` below this one as a file, resolved like `open_dir` (no symlink at
+    /// any component, the last one included; no mount crossed), with `flags` (and
+    /// `mode` when they create it). Add `O_NONBLOCK` to open a name another process
+    /// controls for reading: a FIFO put there then cannot block the open.
+    pub fn open_file(&self, rel: &Path, flags: i32, mode: u32) -> io::Result<std::fs::File> {
+        check_relative(rel)?;
+        let c = cstr(rel)?;
+        // SAFETY: open_how is plain data; zeroed is a valid value, the fields we use are set.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+        if flags & libc::O_CREAT != 0 {
+            how.mode = u64::from(mode);
+        }
+        how.resolve = BENEATH;
+        // SAFETY: openat2 with a valid dirfd, a NUL-terminated path and a properly sized struct.
+        let fd = cvt(unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        })
+        .map_err(|e| at("opening", &self.path.join(rel), e))?;
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd as RawFd) })
+    }
+
+    /// Renames the entry `name` of this directory to `new` in `to` (`renameat2` with
+    /// `flags`: `RENAME_NOREPLACE`, `RENAME_EXCHANGE`). Single names only; the entry
+    /// itself moves, a symlink as a symlink. The error keeps its errno (EEXIST for a
+    /// taken name under `RENAME_NOREPLACE`).
+    pub fn rename(&self, name: &str, to: &Dir, new: &str, flags: libc::c_uint) -> io::Result<()> {
+        let single = |n: &str| {
+            let p = Path::new(n);
+            check_relative(p)?;
+            if p.components().count() != 1 {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{n:?} is not a single name")));
+            }
+            cstr(p)
+        };
+        let (o, n) = (single(name)?, single(new)?);
+        // SAFETY: renameat2 between two directory fds with NUL-terminated single names.
+        cvt(unsafe {
+            libc::syscall(libc::SYS_renameat2, self.fd.as_raw_fd(), o.as_ptr(), to.fd.as_raw_fd(), n.as_ptr(), flags)
+        })
+        .map(drop)
+    }
+
     /// Removes `rel` and everything below it, never following a symlink (a symlink is
     /// removed as a name) and never entering anything mounted: a mount point below is
     /// an error and everything on it stays. A missing `rel` is not an error.
@@ -528,6 +578,35 @@ mod tests {
         symlink(outside.path(), t.path().join("p/q")).unwrap();
         assert!(d.mkdir_all(Path::new("p/q/r"), 0o700).is_err());
         assert!(!outside.path().join("r").exists(), "mkdir followed a nested symlink");
+    }
+
+    #[test]
+    fn open_file_follows_no_symlink_and_rename_moves_single_names_only() {
+        let (t, d) = tmp();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "host").unwrap();
+        symlink(outside.path().join("secret"), t.path().join("link")).unwrap();
+        symlink(outside.path(), t.path().join("dirlink")).unwrap();
+        for bad in ["link", "dirlink/secret", "../x", "/etc/passwd", ""] {
+            assert!(d.open_file(Path::new(bad), libc::O_RDONLY, 0).is_err(), "{bad:?} opened");
+        }
+        let mut f = d.open_file(Path::new("new"), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600).unwrap();
+        std::io::Write::write_all(&mut f, b"x").unwrap();
+        assert_eq!(std::fs::metadata(t.path().join("new")).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::create_dir(t.path().join("sub")).unwrap();
+        let sub = d.open_dir(Path::new("sub")).unwrap();
+        d.rename("new", &sub, "moved", 0).unwrap();
+        assert!(t.path().join("sub/moved").exists());
+        for (a, b) in [("sub/moved", "x"), ("..", "x"), ("link", "../x"), ("", "x")] {
+            assert!(d.rename(a, &d, b, 0).is_err(), "{a:?} -> {b:?} renamed");
+        }
+        // A symlink moves as itself, its target untouched.
+        d.rename("link", &sub, "link", 0).unwrap();
+        assert!(std::fs::symlink_metadata(t.path().join("sub/link")).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(outside.path().join("secret")).unwrap(), "host");
+        std::fs::write(t.path().join("taken"), "").unwrap();
+        let e = sub.rename("moved", &d, "taken", libc::RENAME_NOREPLACE).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
     }
 
     #[test]

@@ -25,13 +25,13 @@
 //! and a warning, never the pod.
 //!
 //! Trust: the files are written by a VMM whose guest had run nothing but the kernel and
-//! the agent's start; no pod's code or data had reached it. They are moved here only
-//! as regular files (`renameat` of names checked with `AT_SYMLINK_NOFOLLOW`), and a
-//! restoring VMM gets them read-only in its jail.
+//! the agent's start; no pod's code or data had reached it. Still, that VMM's directory
+//! is its to write, so only a regular file with one link moves from it (opened without
+//! following a symlink or blocking on a FIFO, then checked to be the same inode after
+//! the rename), and a restoring VMM gets the files read-only in its jail.
 
-use std::ffi::CString;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -120,7 +120,7 @@ pub struct Template {
 pub struct Maker {
     key: String,
     shape: String,
-    _lock: OwnedFd,
+    _lock: std::fs::File,
 }
 
 /// What a pod's VM starts from.
@@ -172,30 +172,26 @@ impl Templates {
     /// both snapshot files are regular files.
     fn current(&self, key: &str, shape: &str) -> bool {
         let Ok(dir) = self.dir.open_dir(Path::new(key)) else { return false };
-        let regular = |name: &str| stat_at(&dir, name).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
-        if !regular(STATE_FILE) || !regular(MEMORY_FILE) || !regular(SHAPE_FILE) {
+        let open = |name: &str| dir.open_file(Path::new(name), libc::O_RDONLY | libc::O_NONBLOCK, 0);
+        let regular = |name: &str| open(name).and_then(|f| f.metadata()).is_ok_and(|m| m.file_type().is_file());
+        if !regular(STATE_FILE) || !regular(MEMORY_FILE) {
             return false;
         }
-        read_small_at(&dir, SHAPE_FILE).is_ok_and(|text| text == shape.as_bytes())
+        // The shape file: at most 4 KiB of it are read (it is a few hundred bytes).
+        let mut text = Vec::new();
+        let read = open(SHAPE_FILE).and_then(|f| io::Read::read_to_end(&mut io::Read::take(f, 4096), &mut text));
+        read.is_ok() && text == shape.as_bytes()
     }
 
     /// `<key>.lock`, locked exclusively; None if another process holds it.
-    fn lock(&self, key: &str) -> io::Result<Option<OwnedFd>> {
-        let name = CString::new(format!("{key}.lock")).map_err(io::Error::other)?;
-        let flags = libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: openat(2) on our directory fd with a NUL-terminated name.
-        let fd = unsafe { libc::openat(self.dir.as_fd().as_raw_fd(), name.as_ptr(), flags, 0o600) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel just returned this fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    fn lock(&self, key: &str) -> io::Result<Option<std::fs::File>> {
+        let f = self.dir.open_file(Path::new(&format!("{key}.lock")), libc::O_CREAT | libc::O_RDWR, 0o600)?;
         // SAFETY: flock(2) on an fd we own.
-        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(None) } else { Err(e) };
         }
-        Ok(Some(fd))
+        Ok(Some(f))
     }
 
     /// Moves the snapshot files a VMM wrote into `from` (as `STATE_FILE` and
@@ -206,27 +202,40 @@ impl Templates {
         self.dir.remove_tree(Path::new(&tmp))?;
         let new = self.dir.mkdir_all(Path::new(&tmp), 0o700)?;
         for name in [STATE_FILE, MEMORY_FILE] {
-            // The VMM's directory: only a regular file moves (never a symlink, a
-            // device or a directory it could have put there).
-            let st = stat_at(&from, name)?;
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Err(io::Error::other(format!("{name} in {} is not a regular file", from.path().display())));
+            // The VMM's directory: only a regular file of its own moves (never a
+            // symlink, a FIFO, a device, a directory or a hard link it could have put
+            // there), and what arrived is checked to be the very file that was
+            // checked, so a name swapped in between is refused too.
+            let file = from.open_file(Path::new(name), libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+            let meta = file.metadata()?;
+            if !meta.file_type().is_file() || meta.nlink() != 1 {
+                return Err(io::Error::other(format!(
+                    "{name} in {} is not a regular file with one link",
+                    from.path().display()
+                )));
             }
-            rename_at(&from, name, &new, name, 0)?;
+            from.rename(name, &new, name, 0)
+                .map_err(|e| io::Error::new(e.kind(), format!("moving {name} from {}: {e}", from.path().display())))?;
+            let moved = new.open_file(Path::new(name), libc::O_RDONLY | libc::O_NONBLOCK, 0)?.metadata()?;
+            if (moved.dev(), moved.ino()) != (meta.dev(), meta.ino()) {
+                return Err(io::Error::other(format!("{name} in {} changed while it moved", from.path().display())));
+            }
             // The template is root's alone, whatever mode the VMM gave it.
-            chmod_at(&new, name, 0o600)?;
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         }
-        write_new_at(&new, SHAPE_FILE, maker.shape.as_bytes())?;
+        let create = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        new.open_file(Path::new(SHAPE_FILE), create, 0o600)?.write_all(maker.shape.as_bytes())?;
         let key = maker.key.clone();
-        match rename_at(&self.dir, &tmp, &self.dir, &key, libc::RENAME_NOREPLACE) {
+        let replacing = |e: io::Error| io::Error::new(e.kind(), format!("installing template {key}: {e}"));
+        match self.dir.rename(&tmp, &self.dir, &key, libc::RENAME_NOREPLACE) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 // A stale template: swap the two, then remove the old one (a VMM that
                 // is restoring it keeps what it already mapped).
-                rename_at(&self.dir, &tmp, &self.dir, &key, libc::RENAME_EXCHANGE)?;
+                self.dir.rename(&tmp, &self.dir, &key, libc::RENAME_EXCHANGE).map_err(replacing)?;
                 self.dir.remove_tree(Path::new(&tmp))?;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(replacing(e)),
         }
         let dir = self.dir.path().join(&key);
         Ok(Template { state: dir.join(STATE_FILE), memory: dir.join(MEMORY_FILE), key })
@@ -247,85 +256,10 @@ impl Templates {
     }
 }
 
-fn cname(name: &str) -> io::Result<CString> {
-    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} has a NUL byte")))
-}
-
-/// `fstatat` of `name` in `dir`, not following a symlink.
-fn stat_at(dir: &Dir, name: &str) -> io::Result<libc::stat> {
-    let c = cname(name)?;
-    // SAFETY: stat is plain data that fstatat fills.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstatat(2) on a directory fd with a NUL-terminated name and a valid buffer.
-    if unsafe { libc::fstatat(dir.as_fd().as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("{}/{name}: {e}", dir.path().display())));
-    }
-    Ok(st)
-}
-
-fn rename_at(from: &Dir, old: &str, to: &Dir, new: &str, flags: libc::c_uint) -> io::Result<()> {
-    let (o, n) = (cname(old)?, cname(new)?);
-    // SAFETY: renameat2(2) between two directory fds with NUL-terminated names.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            from.as_fd().as_raw_fd(),
-            o.as_ptr(),
-            to.as_fd().as_raw_fd(),
-            n.as_ptr(),
-            flags,
-        )
-    };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        // The caller tells an existing target from other failures by the errno.
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Err(e);
-        }
-        return Err(io::Error::new(
-            e.kind(),
-            format!("moving {}/{old} to {}/{new}: {e}", from.path().display(), to.path().display()),
-        ));
-    }
-    Ok(())
-}
-
-fn chmod_at(dir: &Dir, name: &str, mode: libc::mode_t) -> io::Result<()> {
-    let c = cname(name)?;
-    // SAFETY: fchmodat(2) on a directory fd with a NUL-terminated name (checked to be a
-    // regular file just before; fchmodat never follows a symlink it cannot chmod).
-    if unsafe { libc::fchmodat(dir.as_fd().as_raw_fd(), c.as_ptr(), mode, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn open_at(dir: &Dir, name: &str, flags: i32) -> io::Result<std::fs::File> {
-    let c = cname(name)?;
-    // SAFETY: openat(2) on a directory fd with a NUL-terminated name.
-    let fd =
-        unsafe { libc::openat(dir.as_fd().as_raw_fd(), c.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o600) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
-}
-
-/// A file of at most 4 KiB (the shape).
-fn read_small_at(dir: &Dir, name: &str) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    io::Read::read_to_end(&mut io::Read::take(open_at(dir, name, libc::O_RDONLY)?, 4096), &mut out)?;
-    Ok(out)
-}
-
-fn write_new_at(dir: &Dir, name: &str, bytes: &[u8]) -> io::Result<()> {
-    open_at(dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)?.write_all(bytes)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn config(dir: &Path) -> Config {
@@ -427,23 +361,37 @@ mod tests {
     }
 
     #[test]
-    fn a_symlink_or_a_missing_file_is_not_a_template_and_is_never_moved() {
+    fn what_the_vmm_planted_is_never_moved_and_a_missing_file_is_no_template() {
         let d = tempfile::tempdir().unwrap();
         let c = config(d.path());
         let t = Templates::open(&c.runtime.state_dir).unwrap();
         let shape = Shape::of(&c, &[]).unwrap();
-        let Plan::Make(m) = t.plan(&shape) else { panic!() };
-        let vmm_dir = d.path().join("pod-vmm");
-        std::fs::create_dir(&vmm_dir).unwrap();
-        std::fs::write(vmm_dir.join(STATE_FILE), "state").unwrap();
         let secret = d.path().join("secret");
         std::fs::write(&secret, "host file").unwrap();
-        std::os::unix::fs::symlink(&secret, vmm_dir.join(MEMORY_FILE)).unwrap();
-        let e = t.install(m, &vmm_dir).unwrap_err().to_string();
-        assert!(e.contains("vm.mem") && e.contains("not a regular file"), "{e}");
-        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host file");
-        // Nothing was installed; the lock went with the maker, so the next pod makes it.
-        assert!(matches!(t.plan(&shape), Plan::Make(_)));
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A compromised VMM's tricks in place of its memory file: a symlink or a hard
+        // link to a host file (the install would chmod it and a restore would map it),
+        // a FIFO (an open would block the shim), a directory.
+        let plants: [(&str, &dyn Fn(&Path)); 4] = [
+            ("symlink", &|p| std::os::unix::fs::symlink(&secret, p).unwrap()),
+            ("hard link", &|p| std::fs::hard_link(&secret, p).unwrap()),
+            ("fifo", &|p| nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()),
+            ("directory", &|p| std::fs::create_dir(p).unwrap()),
+        ];
+        for (i, (what, plant)) in plants.iter().enumerate() {
+            let Plan::Make(m) = t.plan(&shape) else { panic!("{what}: the template should be missing") };
+            let vmm_dir = d.path().join(format!("pod-vmm-{i}"));
+            std::fs::create_dir(&vmm_dir).unwrap();
+            std::fs::write(vmm_dir.join(STATE_FILE), "state").unwrap();
+            plant(&vmm_dir.join(MEMORY_FILE));
+            let e = t.install(m, &vmm_dir).unwrap_err().to_string();
+            assert!(e.contains("vm.mem"), "{what}: {e}");
+            assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host file", "{what}");
+            let mode = std::fs::metadata(&secret).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o644, "{what}: the host file's mode was changed");
+            // Nothing was installed; the lock went with the maker: the next pod makes it.
+            assert!(matches!(t.plan(&shape), Plan::Make(_)), "{what}");
+        }
         // A template directory missing its memory file is not current either.
         let key_dir = c.runtime.state_dir.join(TEMPLATES_DIR).join(shape.key());
         std::fs::create_dir(&key_dir).unwrap();

@@ -228,6 +228,29 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_may_turn_templates_off_when_enabled_and_a_bad_value_says_so() {
+        let mut config = config_enabling(&["hypervisor.templates"]);
+        assert!(config.hypervisor.templates, "on by default");
+        let e = config
+            .apply_annotations(&annotations(&[("io.wisp.config.hypervisor.templates", "off")]))
+            .expect_err("not a bool");
+        assert!(e.to_string().contains("io.wisp.config.hypervisor.templates"), "{e}");
+        assert!(config.hypervisor.templates, "a refused annotation changes nothing");
+        config
+            .apply_annotations(&annotations(&[("io.wisp.config.hypervisor.templates", "false")]))
+            .unwrap();
+        assert!(!config.hypervisor.templates);
+        // Not enabled: refused.
+        let mut plain = Config::default();
+        assert!(plain
+            .apply_annotations(&annotations(&[("io.wisp.config.hypervisor.templates", "false")]))
+            .is_err());
+        // In the file, a wrong type names the key.
+        let e = Config::from_toml_str("[hypervisor]\ntemplates = \"yes\"\n").unwrap_err();
+        assert!(e.to_string().contains("templates"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_refused_and_change_nothing() {
         let mut config = config_enabling(&[
             "hypervisor.vcpus",

@@ -197,10 +197,21 @@ impl Templates {
     /// Moves the snapshot files a VMM wrote into `from` (as `STATE_FILE` and
     /// `MEMORY_FILE`) into the template of `maker`, replacing an older one.
     pub fn install(&self, maker: Maker, from: &Path) -> io::Result<Template> {
-        let from = Dir::open_trusted(from)?;
         let tmp = format!(".{}.new", maker.key);
-        self.dir.remove_tree(Path::new(&tmp))?;
-        let new = self.dir.mkdir_all(Path::new(&tmp), 0o700)?;
+        let installed = self.install_via(&maker, from, &tmp);
+        if installed.is_err() {
+            // What was moved so far goes; nothing half-made stays behind.
+            if let Err(e) = self.dir.remove_tree(Path::new(&tmp)) {
+                log::warn!("removing {}/{tmp}: {e}", self.dir.path().display());
+            }
+        }
+        installed
+    }
+
+    fn install_via(&self, maker: &Maker, from: &Path, tmp: &str) -> io::Result<Template> {
+        let from = Dir::open_trusted(from)?;
+        self.dir.remove_tree(Path::new(tmp))?;
+        let new = self.dir.mkdir_all(Path::new(tmp), 0o700)?;
         for name in [STATE_FILE, MEMORY_FILE] {
             // The VMM's directory: only a regular file of its own moves (never a
             // symlink, a FIFO, a device, a directory or a hard link it could have put
@@ -227,13 +238,13 @@ impl Templates {
         new.open_file(Path::new(SHAPE_FILE), create, 0o600)?.write_all(maker.shape.as_bytes())?;
         let key = maker.key.clone();
         let replacing = |e: io::Error| io::Error::new(e.kind(), format!("installing template {key}: {e}"));
-        match self.dir.rename(&tmp, &self.dir, &key, libc::RENAME_NOREPLACE) {
+        match self.dir.rename(tmp, &self.dir, &key, libc::RENAME_NOREPLACE) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 // A stale template: swap the two, then remove the old one (a VMM that
                 // is restoring it keeps what it already mapped).
-                self.dir.rename(&tmp, &self.dir, &key, libc::RENAME_EXCHANGE).map_err(replacing)?;
-                self.dir.remove_tree(Path::new(&tmp))?;
+                self.dir.rename(tmp, &self.dir, &key, libc::RENAME_EXCHANGE).map_err(replacing)?;
+                self.dir.remove_tree(Path::new(tmp))?;
             }
             Err(e) => return Err(replacing(e)),
         }
@@ -389,7 +400,14 @@ mod tests {
             assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host file", "{what}");
             let mode = std::fs::metadata(&secret).unwrap().mode() & 0o777;
             assert_eq!(mode, 0o644, "{what}: the host file's mode was changed");
-            // Nothing was installed; the lock went with the maker: the next pod makes it.
+            // Nothing was installed or left half-made; the lock went with the maker: the
+            // next pod makes it.
+            let left: Vec<String> = std::fs::read_dir(c.runtime.state_dir.join(TEMPLATES_DIR))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".lock"))
+                .collect();
+            assert!(left.is_empty(), "{what}: left {left:?}");
             assert!(matches!(t.plan(&shape), Plan::Make(_)), "{what}");
         }
         // A template directory missing its memory file is not current either.

@@ -43,6 +43,9 @@ endif
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		$(if $(IS_BOOKWORM),-t bookworm-backports) qemu-system-x86
+	@# The emulated host runs a QEMU built from that source with tests/kvmhost/qemu's fix
+	@# of a race that crashed it (cached by its inputs; about 10 minutes the first time).
+	tests/kvmhost/qemu/build.sh >/dev/null
 	@command -v $(CARGO) >/dev/null || { echo "deps: cargo not found: install Rust >= 1.85 (rustup)" >&2; exit 1; }
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds the emulated KVM host's QEMU from Debian's source of the version `make deps`
 # installs (10.0.2, bookworm-backports) with this directory's patches, for the tests
-# only: `tests/kvmhost/run` uses it when WISP_KVMHOST_QEMU=patched (or a path).
+# only: `tests/kvmhost/run` uses it unless WISP_KVMHOST_QEMU says otherwise, and
+# `make deps` builds it. tests/kvmhost/README.md says what the patches fix.
 #
-#   tests/kvmhost/qemu/build.sh [PATCH...]   default: every *.patch here, in name order
+#   tests/kvmhost/qemu/build.sh [PATCH...]   default: every *.patch here (not diag/), in name order
 #
 # Prints the built qemu-system-x86_64's path. Cached in ~/.cache/wisp/qemu/<key>, the key
 # a hash of the source's checksum, the patches, the configure flags and this script, so
 # a changed input builds anew and an unchanged one costs nothing. The source tarball is
 # fetched from Debian's archive and checked against the checksum pinned here. Only the
-# x86_64 system emulator with TCG and virtfs is built (about 20 minutes on 2 cores).
+# x86_64 system emulator with TCG and virtfs is built (about 10 minutes on 2 cores).
 # Debian's "+ds" source has no prebuilt firmware: the build finds its ROMs in Debian's
 # qemu-system-data (`-L /usr/share/qemu`, which tests/kvmhost/run passes).
 # The build dependencies (Debian packages) are installed if missing.
@@ -111,9 +112,10 @@ echo "qemu/build.sh: building QEMU $VERSION with ${#patches[@]} patch(es) into $
 	mkdir build && cd build
 	# Debian's Python, which sees Debian's meson (not a python3 earlier on PATH).
 	../configure --prefix="$out" --python=/usr/bin/python3 "${CONFIGURE[@]}" >&2
-	ninja -j"$(nproc)" >&2
+	# Only the emulator: the full default target (tests, tools) takes three times as long.
+	ninja -j"$(nproc)" qemu-system-x86_64 >&2
 	rm -rf "$out"
-	ninja install >&2
+	install -D -m 0755 qemu-system-x86_64 "$out/bin/qemu-system-x86_64"
 )
 printf '%s\n' "${patches[@]##*/}" >"$out/PATCHES"
 echo "$out/bin/qemu-system-x86_64"

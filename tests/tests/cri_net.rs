@@ -643,24 +643,9 @@ fn two_wisp_pods_talk() -> CaseResult {
     e.pass()
 }
 
-/// Why sustained TCP between two wisp VMs cannot be tested here, if it cannot: in the
-/// emulated KVM host it faults the emulator's nested SVM model (the nested guest triple
-/// faults or the host's kernel dies; tests/kvmhost/README.md), which says nothing about
-/// wisp. `WISP_E2E_SUSTAINED_TCP=1` runs it there anyway.
-fn need_sustained_nested_tcp() -> Option<String> {
-    let emulated = std::env::var_os("WISP_KVMHOST").is_some();
-    let forced = std::env::var("WISP_E2E_SUSTAINED_TCP").is_ok_and(|v| v == "1");
-    (emulated && !forced).then(|| {
-        "sustained TCP between two nested VMs faults the emulated KVM host (tests/kvmhost/README.md): \
-         runs on hardware KVM, or here with WISP_E2E_SUSTAINED_TCP=1"
-            .to_string()
-    })
-}
-
 /// 64 MiB of random bytes over TCP from one wisp pod to another, intact.
 fn two_wisp_pods_move_64mib() -> CaseResult {
     skip_unless_net_ready!();
-    skip_unless!(need_sustained_nested_tcp());
     let e = env()?;
     let (sa, a) = e.pod_with_sleeper("bulk-a", WISP)?;
     let (sb, b) = e.pod_with_sleeper("bulk-b", WISP)?;

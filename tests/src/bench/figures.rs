@@ -270,8 +270,9 @@ pub fn experiments() -> Vec<Experiment> {
                        same 10 started one after another.",
             }],
         },
-        // Last: sustained nested TCP is what most often faults the emulated KVM host,
-        // and a dead host ends the run (what was measured before stays in the report).
+        // Last: sustained nested TCP was what most often killed the emulated KVM host
+        // before its QEMU race was fixed (issue 17), and a dead host ends the run (what
+        // was measured before stays in the report).
         Experiment {
             name: "net",
             sides: ("wisp <-> wisp", "runc <-> runc"),

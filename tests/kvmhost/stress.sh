@@ -77,7 +77,7 @@ for f in "$VMM" "$KERNEL" "$INITRD"; do
 	[ -e "$f" ] || { echo "stress.sh: missing $f (run: make build guest)" >&2; exit 2; }
 done
 log=$(mktemp -d /var/tmp/kvmhost-stress.XXXXXX)
-echo "stress: $attempts attempts of $rounds rounds of $vms VMs (${vcpus} vCPU each), QEMU ${WISP_KVMHOST_QEMU:-debian}; logs in $log"
+echo "stress: $attempts attempts of $rounds rounds of $vms VMs (${vcpus} vCPU each), QEMU ${WISP_KVMHOST_QEMU:-patched (the default)}; logs in $log"
 deaths=0 freezes=0 timeouts=0 rounds_done=0 vm_faults=0 vm_stalls=0 vm_other=0 clean=0
 for a in $(seq 1 "$attempts"); do
 	t0=$EPOCHSECONDS

@@ -43,9 +43,12 @@ endif
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 		$(if $(IS_BOOKWORM),-t bookworm-backports) qemu-system-x86
-	@# The emulated host runs a QEMU built from that source with tests/kvmhost/qemu's fix
-	@# of a race that crashed it (cached by its inputs; about 10 minutes the first time).
-	tests/kvmhost/qemu/build.sh >/dev/null
+	@# Without hardware KVM the tests and the demo run in the emulated host, on a QEMU built
+	@# from that source with tests/kvmhost/qemu's fix of a race that crashed it (cached by
+	@# its inputs; about 10 minutes the first time). The probe is tests/e2e.sh's.
+	@if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then \
+		echo "deps: hardware KVM: the emulated host's QEMU is not needed"; \
+	else tests/kvmhost/qemu/build.sh >/dev/null; fi
 	@command -v $(CARGO) >/dev/null || { echo "deps: cargo not found: install Rust >= 1.85 (rustup)" >&2; exit 1; }
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
 
